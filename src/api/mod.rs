@@ -1,0 +1,465 @@
+//! The HTTP API (warp).
+//!
+//! Routing is one `match` on method and path segments rather than a tree of combined warp filters:
+//! warp merges the rejections of sibling filters by a priority of its own, which turns an unknown path
+//! into a 405 or a bad body into a 404 depending on route order. Here every request reaches exactly
+//! one handler or one error, so 400/404/405/413/415 are exact and every error has the same JSON shape
+//! (see [`error`]). The API inserts and reads jobs; it never claims them.
+
+pub mod error;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use slog::{info, Logger};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use warp::path::FullPath;
+use warp::reply::Response;
+use warp::{Buf, Filter, Reply};
+
+use crate::config::{parse_duration, DEFAULT_QUEUE};
+use crate::db::{queries, Pool};
+use crate::job::{FieldError, Job, JobStatus, NewJob};
+use crate::waiters::Waiters;
+use error::ApiError;
+
+/// Most jobs in one `POST /jobs/batch`.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest `?wait=` a request may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Largest `limit` of `GET /jobs`.
+pub const MAX_LIMIT: i64 = 1000;
+
+pub struct ApiState {
+    pub pool: Pool,
+    pub waiters: Arc<Waiters>,
+    pub max_body_bytes: u64,
+    /// Cancelled on shutdown: requests waiting for a job answer with what they have.
+    pub shutdown: CancellationToken,
+    pub log: Logger,
+}
+
+/// The whole API as one warp filter. Its only possible rejection is warp's own (a body taken twice),
+/// which cannot happen here: every request is answered by [`route`].
+pub fn routes(
+    state: Arc<ApiState>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync {
+    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::method()
+        .and(warp::path::full())
+        .and(raw_query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |method: Method, path: FullPath, query: String, headers: HeaderMap, body| {
+            let state = state.clone();
+            async move {
+                let started = Instant::now();
+                let req = Request { method, path: path.as_str().to_string(), query, headers };
+                let resp = match route(&state, &req, body).await {
+                    Ok(resp) => resp,
+                    Err(e) => e.into_response(&state.log),
+                };
+                info!(state.log, "request";
+                      "method" => req.method.as_str(), "path" => &req.path, "status" => resp.status().as_u16(),
+                      "latency_ms" => (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
+                resp
+            }
+        })
+}
+
+struct Request {
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+}
+
+impl Request {
+    fn param(&self, name: &str) -> Result<Option<String>, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
+            .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+        Ok(pairs
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v))
+    }
+}
+
+async fn route<S, B>(state: &ApiState, req: &Request, body: S) -> Result<Response, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let path = req.path.trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let m = &req.method;
+    match segments.as_slice() {
+        ["healthz"] if m == Method::GET => Ok(reply(StatusCode::OK, &json!({"status": "ok"}))),
+        ["healthz"] => Err(ApiError::method_not_allowed("GET")),
+        ["readyz"] if m == Method::GET => ready(state).await,
+        ["readyz"] => Err(ApiError::method_not_allowed("GET")),
+        ["stats"] if m == Method::GET => stats(state).await,
+        ["stats"] => Err(ApiError::method_not_allowed("GET")),
+        ["jobs"] if m == Method::GET => list(state, req).await,
+        ["jobs"] if m == Method::POST => {
+            create(state, req, read_json_body(state, req, body).await?).await
+        }
+        ["jobs"] => Err(ApiError::method_not_allowed("GET, POST")),
+        ["jobs", "batch"] if m == Method::POST => {
+            create_batch(state, read_json_body(state, req, body).await?).await
+        }
+        ["jobs", "batch"] => Err(ApiError::method_not_allowed("POST")),
+        ["jobs", id] if m == Method::GET => get(state, req, parse_id(id)?).await,
+        ["jobs", _] => Err(ApiError::method_not_allowed("GET")),
+        ["jobs", id, "cancel"] if m == Method::POST => cancel(state, parse_id(id)?).await,
+        ["jobs", id, "retry"] if m == Method::POST => retry(state, parse_id(id)?).await,
+        ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
+        _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
+    }
+}
+
+fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+fn parse_id(s: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s)
+        .map_err(|_| ApiError::bad_request(format!("invalid job id {s:?}: expected a UUID")))
+}
+
+/// Reads a JSON body: content type checked, size bounded (by Content-Length up front and by counting
+/// while reading, for chunked bodies), syntax checked.
+async fn read_json_body<S, B>(state: &ApiState, req: &Request, body: S) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    if let Some(ct) = req.headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime != "application/json"
+            && !(mime.starts_with("application/") && mime.ends_with("+json"))
+        {
+            return Err(ApiError::unsupported_media_type(if mime.is_empty() {
+                "nothing"
+            } else {
+                mime
+            }));
+        }
+    }
+    let limit = state.max_body_bytes;
+    let declared = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.put_slice(part);
+            chunk.advance(n);
+        }
+    }
+    if buf.is_empty() {
+        return Err(ApiError::malformed_json(
+            "request body is empty: expected a JSON object",
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+/// Deserializes with the path of the offending field in the message, e.g. `priority: invalid type`.
+fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = match (prefix.is_empty(), path.as_str()) {
+            (true, ".") => String::new(),
+            (true, p) => format!("{p}: "),
+            (false, ".") => format!("{prefix}: "),
+            (false, p) => format!("{prefix}.{p}: "),
+        };
+        ApiError::bad_request(format!("{field}{}", e.into_inner()))
+    })
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))
+}
+
+/// One job as `POST /jobs` and `POST /jobs/batch` accept it.
+#[derive(Debug, Deserialize)]
+struct JobSpec {
+    payload: Option<Value>,
+    /// The older Go service's name for the payload.
+    description: Option<Value>,
+    queue: Option<String>,
+    priority: Option<i32>,
+    run_at: Option<DateTime<Utc>>,
+    delay: Option<String>,
+    max_attempts: Option<i32>,
+    unique_key: Option<String>,
+}
+
+impl JobSpec {
+    fn into_new_job(self) -> Result<NewJob, FieldError> {
+        let payload = match (self.payload, self.description) {
+            (Some(p), _) => p,
+            (None, Some(d)) => d,
+            (None, None) => {
+                return Err(FieldError::new(
+                    "payload",
+                    "is required (any JSON value except null)",
+                ))
+            }
+        };
+        let run_at = match (self.run_at, self.delay) {
+            (Some(_), Some(_)) => {
+                return Err(FieldError::new("delay", "give run_at or delay, not both"))
+            }
+            (Some(at), None) => Some(at),
+            (None, Some(d)) => {
+                let d = parse_duration(&d).ok_or_else(|| {
+                    FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m")
+                })?;
+                let d = chrono::Duration::from_std(d)
+                    .map_err(|_| FieldError::new("delay", "is too long"))?;
+                Some(Utc::now() + d)
+            }
+            (None, None) => None,
+        };
+        let job = NewJob {
+            queue: self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
+            payload,
+            priority: self.priority.unwrap_or(0),
+            run_at,
+            max_attempts: self.max_attempts,
+            unique_key: self.unique_key,
+        };
+        job.validate()?;
+        Ok(job)
+    }
+}
+
+fn created(job: &Job) -> Response {
+    let mut resp = reply(StatusCode::CREATED, job);
+    if let Ok(loc) = HeaderValue::from_str(&format!("/jobs/{}", job.id)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    resp
+}
+
+async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response, ApiError> {
+    let spec: JobSpec = decode(parse_json(&body)?, "")?;
+    let mut job = spec.into_new_job().map_err(ApiError::invalid_field)?;
+    if let Some(key) = req.headers.get("idempotency-key") {
+        let key = key
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+        match &job.unique_key {
+            Some(k) if k != key => {
+                return Err(ApiError::bad_request(
+                    "Idempotency-Key and unique_key differ; give one of them",
+                ))
+            }
+            _ => job.unique_key = Some(key.to_string()),
+        }
+        job.validate().map_err(ApiError::invalid_field)?;
+    }
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let (job, is_new) = queries::job_insert(&*client, &job).await?;
+    Ok(if is_new {
+        created(&job)
+    } else {
+        reply(StatusCode::OK, &job)
+    })
+}
+
+async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiError> {
+    let items = match parse_json(&body)? {
+        Value::Array(items) => items,
+        Value::Object(mut o) if o.get("jobs").is_some_and(Value::is_array) => {
+            match o.remove("jobs") {
+                Some(Value::Array(items)) => items,
+                _ => unreachable!("checked to be an array"),
+            }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "expected a JSON array of jobs (or {\"jobs\": [...]})",
+            ))
+        }
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1 to {MAX_BATCH} jobs, got {}",
+            items.len()
+        )));
+    }
+    let mut jobs = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let spec: JobSpec = decode(item, &format!("[{i}]"))?;
+        let job = spec
+            .into_new_job()
+            .map_err(|e| ApiError::bad_request(format!("[{i}].{e}")))?;
+        jobs.push(job);
+    }
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let jobs = queries::job_insert_batch(&*client, &jobs).await?;
+    Ok(reply(StatusCode::CREATED, &jobs))
+}
+
+async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiError> {
+    let wait = match req.param("wait")? {
+        None => Duration::ZERO,
+        Some(w) => match parse_duration(&w) {
+            Some(d) if d <= MAX_WAIT => d,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "wait={w:?}: expected a duration such as 500ms or 30s, at most {}",
+                    humantime::format_duration(MAX_WAIT)
+                )))
+            }
+        },
+    };
+    // Register before reading, so a job finishing in between still wakes us.
+    let finished = (!wait.is_zero()).then(|| state.waiters.register(id));
+    let job = fetch(state, id).await?;
+    let job = match finished {
+        Some(rx) if !job.status.is_finished() => {
+            tokio::select! {
+                _ = rx => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = state.shutdown.cancelled() => {}
+            }
+            fetch(state, id).await?
+        }
+        _ => job,
+    };
+    Ok(reply(StatusCode::OK, &job))
+}
+
+async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    queries::job_get(&*client, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+}
+
+async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
+    let limit = match req.param("limit")? {
+        None => 10,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
+    };
+    let offset = match req.param("offset")? {
+        None => 0,
+        Some(o) => o.parse::<i64>().ok().filter(|o| *o >= 0).ok_or_else(|| {
+            ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more"))
+        })?,
+    };
+    let status = match req.param("status")? {
+        None => None,
+        Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status={s:?}: expected pending, processing, done, failed or cancelled (or todo, in_progress)"
+            ))
+        })?),
+    };
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let before = match req.param("before")? {
+        None => None,
+        Some(b) => {
+            let id = Uuid::parse_str(&b).map_err(|_| {
+                ApiError::bad_request(format!("before={b:?}: expected the id of a job"))
+            })?;
+            let job = queries::job_get(&*client, id).await?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "before={b}: no such job (it may have been deleted)"
+                ))
+            })?;
+            Some((job.created_at, job.id))
+        }
+    };
+    let filter = queries::ListFilter {
+        status,
+        queue: req.param("queue")?,
+        before,
+        limit,
+        offset,
+    };
+    let jobs = queries::job_list(&*client, &filter).await?;
+    Ok(reply(StatusCode::OK, &jobs))
+}
+
+async fn cancel(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
+    let mut client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    match queries::job_cancel(&mut client, id).await? {
+        queries::Cancel::Cancelled(job) => Ok(reply(StatusCode::OK, &job)),
+        queries::Cancel::Requested(job) => Ok(reply(StatusCode::ACCEPTED, &job)),
+        queries::Cancel::Finished(job) => Err(ApiError::conflict(
+            format!("job is already {}; nothing to cancel", job.status),
+            Some(job),
+        )),
+        queries::Cancel::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
+    }
+}
+
+async fn retry(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
+    let mut client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    match queries::job_retry(&mut client, id).await? {
+        queries::Retry::Retried(job) => Ok(reply(StatusCode::OK, &job)),
+        queries::Retry::Refused(job) => Err(ApiError::conflict(
+            format!(
+                "job is {}; only failed or cancelled jobs can be retried",
+                job.status
+            ),
+            Some(job),
+        )),
+        queries::Retry::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
+    }
+}
+
+async fn stats(state: &ApiState) -> Result<Response, ApiError> {
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let queues = queries::stats(&*client).await?;
+    Ok(reply(StatusCode::OK, &json!({ "queues": queues })))
+}
+
+async fn ready(state: &ApiState) -> Result<Response, ApiError> {
+    let check = async {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        queries::ping(&*client).await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(())) => Ok(reply(StatusCode::OK, &json!({"status": "ready"}))),
+        Ok(Err(e)) => Err(ApiError::unavailable(format!("database unreachable: {e}"))),
+        Err(_) => Err(ApiError::unavailable("database did not answer within 3s")),
+    }
+}

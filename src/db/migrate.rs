@@ -1,0 +1,48 @@
+//! Applies the SQL migrations in `db/migrations/`, which are embedded in the binary at build time.
+//!
+//! refinery does the bookkeeping: each migration runs in its own transaction together with its row in
+//! `jobqueue_migrations` (version, name, checksum), in version order, and a migration whose file no
+//! longer matches the checksum recorded when it was applied is refused. What refinery does not do is
+//! serialise instances that start at the same moment, so the whole run holds a session-level advisory
+//! lock: the second instance waits, then finds nothing left to do.
+
+use slog::Logger;
+use tokio_postgres::Client;
+
+use super::{queries, DbError};
+
+refinery::embed_migrations!("db/migrations");
+
+/// The table that records applied migrations.
+pub const MIGRATIONS_TABLE: &str = "jobqueue_migrations";
+
+/// What a migration run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub versions: Vec<String>,
+}
+
+/// Applies every pending migration to the database behind `client`.
+pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> {
+    client.batch_execute(queries::MIGRATION_LOCK).await?;
+    let mut runner = migrations::runner();
+    runner.set_migration_table_name(MIGRATIONS_TABLE);
+    let result = runner
+        .set_abort_divergent(true)
+        .set_abort_missing(true)
+        .run_async(client)
+        .await;
+    // Unlock even when the run failed; if the connection itself broke the server has released the lock.
+    let unlocked = client.batch_execute(queries::MIGRATION_UNLOCK).await;
+    let report = result.map_err(|e| DbError::Migration(e.to_string()))?;
+    unlocked?;
+    let versions: Vec<String> = report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect();
+    for v in &versions {
+        slog::info!(log, "applied migration"; "migration" => v);
+    }
+    Ok(Applied { versions })
+}

@@ -1,0 +1,201 @@
+//! Everything that talks to PostgreSQL: the connection pool, dedicated connections with prepared
+//! statements, migrations, and (in [`queries`]) every SQL statement the service runs.
+//!
+//! Only this module issues SQL. The rest of the crate calls the named functions in [`queries`].
+
+pub mod migrate;
+pub mod queries;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use slog::Logger;
+use thiserror::Error;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("database error: {0:?}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no database connection available: {0}")]
+    Pool(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("invalid database URL: {0}")]
+    Url(String),
+}
+
+impl From<bb8::RunError<tokio_postgres::Error>> for DbError {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        match e {
+            bb8::RunError::User(e) => DbError::Postgres(e),
+            bb8::RunError::TimedOut => {
+                DbError::Pool("timed out waiting for a pooled connection".into())
+            }
+        }
+    }
+}
+
+impl DbError {
+    /// The SQLSTATE of a server-side error; errors are classified by code, never by message text.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            DbError::Postgres(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// The constraint a check or unique violation names, if any.
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) => e.as_db_error().and_then(|d| d.constraint()),
+            _ => None,
+        }
+    }
+
+    /// The server's message for an error the client caused (bad value, violated constraint).
+    pub fn server_message(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres(e) => e.as_db_error().map(|d| d.message()),
+            _ => None,
+        }
+    }
+
+    /// True when the database could not be reached or the connection broke, as opposed to a
+    /// statement the server refused.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Postgres(e) => {
+                e.is_closed()
+                    || e.as_db_error().is_none()
+                    || matches!(
+                        e.code(),
+                        Some(c) if *c == SqlState::ADMIN_SHUTDOWN
+                            || *c == SqlState::CANNOT_CONNECT_NOW
+                            || *c == SqlState::TOO_MANY_CONNECTIONS
+                            || *c == SqlState::CRASH_SHUTDOWN
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Builds the pool used by the API and maintenance. Hot-path engine work uses [`Conn`] instead.
+pub async fn pool(url: &str, size: u32) -> Result<Pool, DbError> {
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))?;
+    let manager = PostgresConnectionManager::new(cfg, NoTls);
+    let pool = bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_secs(5))
+        .build_unchecked(manager);
+    Ok(pool)
+}
+
+/// Opens a plain connection and drives it on a background task.
+pub async fn connect(url: &str, log: &Logger) -> Result<Client, DbError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let log = log.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            slog::debug!(log, "database connection closed"; "err" => format!("{e:?}"));
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in `url` if it does not exist yet, so that a local run needs no set-up.
+pub async fn ensure_database(url: &str, log: &Logger) -> Result<(), DbError> {
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))?;
+    let name = match cfg.get_dbname() {
+        Some(n) => n.to_string(),
+        None => return Ok(()),
+    };
+    match tokio_postgres::connect(url, NoTls).await {
+        Ok(_) => return Ok(()),
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin.connect(NoTls).await?;
+    tokio::spawn(connection);
+    match client.batch_execute(&queries::database_create(&name)).await {
+        Ok(()) => {
+            slog::info!(log, "created database"; "database" => &name);
+            Ok(())
+        }
+        // Another instance created it first.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A dedicated connection whose statements are prepared once and reused.
+///
+/// The engine's hot path (claim, finish, heartbeat) runs thousands of times a second; a prepared
+/// statement saves the parse/describe round trip that an unnamed statement costs on every call.
+pub struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    pub async fn connect(url: &str, log: &Logger) -> Result<Conn, DbError> {
+        Ok(Conn {
+            client: connect(url, log).await?,
+            statements: HashMap::new(),
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// The client, for statements that are not worth preparing.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) async fn prepared(
+        &mut self,
+        sql: &'static str,
+    ) -> Result<(&Client, Statement), DbError> {
+        if !self.statements.contains_key(sql) {
+            let stmt = self.client.prepare(sql).await?;
+            self.statements.insert(sql, stmt);
+        }
+        Ok((&self.client, self.statements[sql].clone()))
+    }
+}
+
+/// A [`Conn`] that reconnects itself: engine loops hold one and never deal with reconnection.
+pub struct ConnSlot {
+    url: String,
+    log: Logger,
+    conn: Option<Conn>,
+}
+
+impl ConnSlot {
+    pub fn new(url: &str, log: &Logger) -> ConnSlot {
+        ConnSlot {
+            url: url.to_string(),
+            log: log.clone(),
+            conn: None,
+        }
+    }
+
+    /// The live connection, opening a new one if there is none or the last one broke.
+    pub async fn get(&mut self) -> Result<&mut Conn, DbError> {
+        if self.conn.as_ref().is_none_or(Conn::is_closed) {
+            self.conn = Some(Conn::connect(&self.url, &self.log).await?);
+        }
+        Ok(self.conn.as_mut().expect("connection was just set"))
+    }
+}

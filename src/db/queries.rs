@@ -1,0 +1,603 @@
+//! Every SQL statement the service runs, named noun-first (`job_insert`, `job_claim`, ...).
+//!
+//! Statements on the engine's hot path take a [`Conn`] and are prepared once per connection; the rest
+//! take any client (a pooled one or a transaction).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::{Client, GenericClient, Row};
+use uuid::Uuid;
+
+use super::{Conn, DbError};
+use crate::job::{Job, JobStatus, NewJob};
+
+/// Channel on which inserts (via the trigger) and the service announce runnable jobs. Payload: queue.
+pub const CHANNEL_JOBS: &str = "jobqueue";
+/// Channel on which cancellation of a processing job is announced. Payload: job id.
+pub const CHANNEL_CANCEL: &str = "jobqueue_cancel";
+
+/// Arbitrary constant identifying the migration lock among advisory locks.
+pub const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7215963403311410001)";
+pub const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7215963403311410001)";
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+pub fn database_create(name: &str) -> String {
+    format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn job_from_row(row: &Row) -> Result<Job, DbError> {
+    let status: String = row.try_get("status")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get("payload")?,
+        // The CHECK constraint admits only known statuses.
+        status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
+        result: row.try_get("result")?,
+        error: row.try_get("error")?,
+        errors: row.try_get("errors")?,
+        priority: row.try_get("priority")?,
+        run_at: row.try_get("run_at")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        unique_key: row.try_get("unique_key")?,
+        locked_by: row.try_get("locked_by")?,
+        locked_until: row.try_get("locked_until")?,
+        cancel_requested_at: row.try_get("cancel_requested_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn jobs_from_rows(rows: &[Row]) -> Result<Vec<Job>, DbError> {
+    rows.iter().map(job_from_row).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// API: insert, read, list, cancel, retry, stats
+// ---------------------------------------------------------------------------------------------------
+
+/// Inserts one job. With a `unique_key` that a pending or processing job of the same queue already
+/// holds, inserts nothing and returns that job with `created = false`.
+const JOB_INSERT: &str = "
+WITH ins AS (
+    INSERT INTO jobs (queue, payload, priority, run_at, max_attempts, unique_key)
+    VALUES ($1, $2, $3, coalesce($4, now()), $5, $6)
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    DO NOTHING
+    RETURNING *
+)
+SELECT true AS created, ins.* FROM ins
+UNION ALL
+SELECT false, j.* FROM jobs j
+WHERE $6::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ins)
+  AND j.queue = $1 AND j.unique_key = $6 AND j.status IN ('pending', 'processing')";
+
+pub async fn job_insert(client: &impl GenericClient, job: &NewJob) -> Result<(Job, bool), DbError> {
+    // The existing row is read under the statement's snapshot; if a concurrent transaction inserted it
+    // after that snapshot was taken (ON CONFLICT waited for it), the SELECT cannot see it yet. A new
+    // statement can, so try again; the same happens if the existing job finished in between.
+    for _ in 0..5 {
+        let rows = client
+            .query(
+                JOB_INSERT,
+                &[
+                    &job.queue,
+                    &job.payload,
+                    &job.priority,
+                    &job.run_at,
+                    &job.max_attempts,
+                    &job.unique_key,
+                ],
+            )
+            .await?;
+        if let Some(row) = rows.first() {
+            return Ok((job_from_row(row)?, row.try_get("created")?));
+        }
+    }
+    Err(DbError::Pool(
+        "unique job insert kept racing with concurrent updates".into(),
+    ))
+}
+
+/// Inserts many jobs in one statement: all or nothing, one notification per queue.
+const JOB_INSERT_BATCH: &str = "
+INSERT INTO jobs (queue, payload, priority, run_at, max_attempts, unique_key)
+SELECT q, p, pr, coalesce(ra, now()), ma, uk
+FROM unnest($1::text[], $2::jsonb[], $3::int4[], $4::timestamptz[], $5::int4[], $6::text[])
+     WITH ORDINALITY AS t(q, p, pr, ra, ma, uk, n)
+ORDER BY n
+RETURNING *";
+
+pub async fn job_insert_batch(
+    client: &impl GenericClient,
+    jobs: &[NewJob],
+) -> Result<Vec<Job>, DbError> {
+    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
+    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
+    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let rows = client
+        .query(
+            JOB_INSERT_BATCH,
+            &[
+                &queues,
+                &payloads,
+                &priorities,
+                &run_ats,
+                &max_attempts,
+                &keys,
+            ],
+        )
+        .await?;
+    jobs_from_rows(&rows)
+}
+
+pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
+    let row = client
+        .query_opt("SELECT * FROM jobs WHERE id = $1", &[&id])
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// Filters for [`job_list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub queue: Option<String>,
+    /// Keyset pagination: only jobs older than this one (by `created_at`, then `id`).
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Newest first. With `before`, the index on (created_at DESC, id DESC) is entered at the cursor, so
+/// deep pages cost the same as the first.
+const JOB_LIST: &str = "
+SELECT * FROM jobs
+WHERE ($1::text IS NULL OR status = $1)
+  AND ($2::text IS NULL OR queue = $2)
+  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $5 OFFSET $6";
+
+pub async fn job_list(client: &impl GenericClient, f: &ListFilter) -> Result<Vec<Job>, DbError> {
+    let status = f.status.map(JobStatus::as_str);
+    let (before_at, before_id) = match f.before {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    };
+    let rows = client
+        .query(
+            JOB_LIST,
+            &[
+                &status, &f.queue, &before_at, &before_id, &f.limit, &f.offset,
+            ],
+        )
+        .await?;
+    jobs_from_rows(&rows)
+}
+
+/// What [`job_cancel`] did.
+#[derive(Debug)]
+pub enum Cancel {
+    /// A pending job, now cancelled.
+    Cancelled(Job),
+    /// A processing job; its holder has been told to stop it.
+    Requested(Job),
+    /// Already finished; nothing changed.
+    Finished(Job),
+    NotFound,
+}
+
+pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id])
+        .await?
+    else {
+        return Ok(Cancel::NotFound);
+    };
+    let job = job_from_row(&row)?;
+    let outcome = match job.status {
+        JobStatus::Pending => {
+            let row = tx
+                .query_one(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = $1 RETURNING *",
+                    &[&id],
+                )
+                .await?;
+            Cancel::Cancelled(job_from_row(&row)?)
+        }
+        JobStatus::Processing => {
+            let row = tx
+                .query_one(
+                    "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())
+                     WHERE id = $1 RETURNING *",
+                    &[&id],
+                )
+                .await?;
+            // Delivered at commit to every instance's dispatcher; the holder cancels the handler.
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL_CANCEL, &id.to_string()],
+            )
+            .await?;
+            Cancel::Requested(job_from_row(&row)?)
+        }
+        _ => Cancel::Finished(job),
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// What [`job_retry`] did.
+#[derive(Debug)]
+pub enum Retry {
+    Retried(Job),
+    /// Not failed or cancelled; nothing changed.
+    Refused(Job),
+    NotFound,
+}
+
+/// Puts a failed or cancelled job back to pending, runnable now, with its attempts reset to zero (its
+/// error history is kept).
+pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = now(), result = NULL,
+                    finished_at = NULL, cancel_requested_at = NULL
+             WHERE id = $1 AND status IN ('failed', 'cancelled')
+             RETURNING *",
+            &[&id],
+        )
+        .await?;
+    let outcome = match row {
+        Some(row) => {
+            let job = job_from_row(&row)?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_JOBS, &job.queue])
+                .await?;
+            Retry::Retried(job)
+        }
+        None => match job_get(&tx, id).await? {
+            Some(job) => Retry::Refused(job),
+            None => Retry::NotFound,
+        },
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Which of `ids` are finished. Used by the waiters of `GET /jobs/{id}?wait=`: one query for all of
+/// them, however many there are.
+pub async fn job_finished_among(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('done', 'failed', 'cancelled')",
+            &[&ids],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get(0).map_err(DbError::from))
+        .collect()
+}
+
+/// Per-queue numbers of `GET /stats` and the `jobqueue_stats` view.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    pub pending: i64,
+    pub processing: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Seconds since the oldest runnable pending job became runnable; 0 when none waits.
+    pub oldest_pending_age_secs: f64,
+    pub finished_last_minute: i64,
+}
+
+pub async fn stats(client: &impl GenericClient) -> Result<Vec<QueueStats>, DbError> {
+    let rows = client
+        .query("SELECT * FROM jobqueue_stats ORDER BY queue", &[])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(QueueStats {
+                queue: r.try_get("queue")?,
+                pending: r.try_get("pending")?,
+                processing: r.try_get("processing")?,
+                done: r.try_get("done")?,
+                failed: r.try_get("failed")?,
+                cancelled: r.try_get("cancelled")?,
+                oldest_pending_age_secs: r.try_get("oldest_pending_age_secs")?,
+                finished_last_minute: r.try_get("finished_last_minute")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
+    client.query_one("SELECT 1", &[]).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Engine: claim, finish, heartbeat (hot path, prepared), release, rescue, retention
+// ---------------------------------------------------------------------------------------------------
+
+/// Claims up to `$2` runnable jobs of queue `$1` for instance `$3` with a lease of `$4` seconds.
+///
+/// A CTE with `FOR UPDATE SKIP LOCKED`, then `UPDATE ... FROM` it: the planner runs the CTE once,
+/// whereas `WHERE id IN (SELECT ... SKIP LOCKED)` may be re-evaluated and claim more rows than asked.
+/// When fewer jobs came back than asked, the queue has no runnable job left, so the same statement
+/// also returns in how many seconds the earliest future job of the queue comes due (the dispatcher's
+/// timer); a one-time filter skips that scan while the claim is full. The result has one row per
+/// claimed job, or a single row whose job columns are NULL.
+const JOB_CLAIM: &str = "
+WITH picked AS (
+    SELECT id FROM jobs
+    WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+    ORDER BY priority, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET status = 'processing',
+        attempts = j.attempts + 1,
+        max_attempts = coalesce(j.max_attempts, $5),
+        locked_by = $3,
+        locked_until = now() + make_interval(secs => $4)
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.*
+), next_due AS (
+    SELECT extract(epoch FROM min(run_at) - now())::float8 AS next_due_in
+    FROM jobs
+    WHERE queue = $1 AND status = 'pending' AND run_at > now()
+      AND (SELECT count(*) FROM claimed) < $2
+)
+SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true";
+
+/// Jobs claimed, and when the queue's next scheduled job comes due if the claim came back short.
+pub struct Claimed {
+    pub jobs: Vec<Job>,
+    pub next_due_in: Option<Duration>,
+}
+
+pub async fn job_claim(
+    conn: &mut Conn,
+    queue: &str,
+    limit: i64,
+    instance: &str,
+    lease: Duration,
+    default_max_attempts: i32,
+) -> Result<Claimed, DbError> {
+    let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &queue,
+                &limit,
+                &instance,
+                &secs(lease),
+                &default_max_attempts,
+            ],
+        )
+        .await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    let mut next_due_in = None;
+    for row in &rows {
+        let due: Option<f64> = row.try_get("next_due_in")?;
+        next_due_in = due.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
+            jobs.push(job_from_row(row)?);
+        }
+    }
+    Ok(Claimed { jobs, next_due_in })
+}
+
+/// The end of one attempt, as written by [`job_finish_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub id: Uuid,
+    /// pending (retry, snooze, release), done, failed or cancelled.
+    pub status: JobStatus,
+    pub result: Option<Value>,
+    /// Recorded in `error` and appended to the `errors` history.
+    pub error: Option<String>,
+    /// For status pending: run again after this long.
+    pub delay: Duration,
+    /// The attempt does not count (snooze, shutdown release): `attempts` goes back down by one.
+    pub uncount: bool,
+}
+
+/// Writes the outcome of many attempts in one statement.
+///
+/// Fenced: a row is written only while this instance still holds it (`locked_by`, `processing`). A
+/// job whose lease was lost to the rescuer is left alone, so a late result never overwrites another
+/// attempt's.
+const JOB_FINISH_BATCH: &str = "
+UPDATE jobs j
+SET status = r.status,
+    result = r.result,
+    error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
+    errors = CASE WHEN r.error IS NULL THEN j.errors
+                  ELSE (CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
+                       || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'at', now(), 'error', r.error))
+             END,
+    run_at = CASE WHEN r.status = 'pending' THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
+    attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    locked_by = NULL,
+    locked_until = NULL,
+    cancel_requested_at = CASE WHEN r.status = 'pending' THEN NULL ELSE j.cancel_requested_at END,
+    finished_at = CASE WHEN r.status IN ('done', 'failed', 'cancelled') THEN now() END
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[])
+     AS r(id, status, result, error, delay, uncount)
+WHERE j.id = r.id AND j.locked_by = $7 AND j.status = 'processing'
+RETURNING j.id, j.run_at";
+
+/// Returns the ids that were written (the others had lost their lease) and, among them, the earliest
+/// `run_at` of jobs that went back to pending.
+pub async fn job_finish_batch(
+    conn: &mut Conn,
+    instance: &str,
+    batch: &[Finish],
+) -> Result<Vec<Uuid>, DbError> {
+    let ids: Vec<Uuid> = batch.iter().map(|f| f.id).collect();
+    let statuses: Vec<&str> = batch.iter().map(|f| f.status.as_str()).collect();
+    let results: Vec<Option<&Value>> = batch.iter().map(|f| f.result.as_ref()).collect();
+    let errors: Vec<Option<&str>> = batch.iter().map(|f| f.error.as_deref()).collect();
+    let delays: Vec<f64> = batch.iter().map(|f| secs(f.delay)).collect();
+    let uncount: Vec<bool> = batch.iter().map(|f| f.uncount).collect();
+    let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &ids, &statuses, &results, &errors, &delays, &uncount, &instance,
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get(0).map_err(DbError::from))
+        .collect()
+}
+
+/// Extends the lease of every job this instance runs, in one statement. Returns the jobs still held
+/// and whether cancellation was requested for each; a job missing from the answer was lost.
+const JOB_HEARTBEAT: &str = "
+UPDATE jobs SET locked_until = now() + make_interval(secs => $3)
+WHERE id = ANY($1) AND locked_by = $2 AND status = 'processing'
+RETURNING id, cancel_requested_at IS NOT NULL";
+
+pub async fn job_heartbeat(
+    conn: &mut Conn,
+    ids: &[Uuid],
+    instance: &str,
+    lease: Duration,
+) -> Result<Vec<(Uuid, bool)>, DbError> {
+    let (client, stmt) = conn.prepared(JOB_HEARTBEAT).await?;
+    let rows = client
+        .query(&stmt, &[&ids, &instance, &secs(lease)])
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Wakes the workers of `queues` on every instance.
+pub async fn queue_notify(client: &impl GenericClient, queues: &[String]) -> Result<(), DbError> {
+    if !queues.is_empty() {
+        client
+            .execute(
+                "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q",
+                &[&CHANNEL_JOBS, &queues],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// A job whose lease expired, as returned to the queue by [`job_rescue_expired`].
+#[derive(Debug, Clone)]
+pub struct Rescued {
+    pub id: Uuid,
+    pub queue: String,
+    pub status: JobStatus,
+    pub attempts: i32,
+    pub lost_by: String,
+}
+
+/// Returns jobs whose lease expired (their worker died or hung without heartbeats) to pending, or to
+/// failed once their attempts are used up, or to cancelled if cancellation had been requested. One
+/// `SKIP LOCKED` statement, so any number of instances can run it at once.
+const JOB_RESCUE_EXPIRED: &str = "
+WITH expired AS (
+    SELECT id, locked_by AS lost_by,
+           CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN attempts >= coalesce(max_attempts, $2) THEN 'failed'
+                ELSE 'pending' END AS new_status
+    FROM jobs
+    WHERE status = 'processing' AND locked_until < now()
+    ORDER BY locked_until
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j
+SET status = e.new_status,
+    error = CASE WHEN e.new_status = 'cancelled' THEN j.error
+                 ELSE 'worker lost: the lease held by ' || e.lost_by || ' expired' END,
+    errors = CASE WHEN e.new_status = 'cancelled' THEN j.errors
+                  ELSE (CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
+                       || jsonb_build_array(jsonb_build_object(
+                              'attempt', j.attempts, 'at', now(),
+                              'error', 'worker lost: the lease held by ' || e.lost_by || ' expired'))
+             END,
+    locked_by = NULL,
+    locked_until = NULL,
+    finished_at = CASE WHEN e.new_status = 'pending' THEN NULL ELSE now() END
+FROM expired e
+WHERE j.id = e.id
+RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by";
+
+pub async fn job_rescue_expired(
+    client: &impl GenericClient,
+    limit: i64,
+    default_max_attempts: i32,
+) -> Result<Vec<Rescued>, DbError> {
+    let rows = client
+        .query(JOB_RESCUE_EXPIRED, &[&limit, &default_max_attempts])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let status: String = r.try_get(2)?;
+            Ok(Rescued {
+                id: r.try_get(0)?,
+                queue: r.try_get(1)?,
+                status: JobStatus::parse(&status).unwrap_or(JobStatus::Pending),
+                attempts: r.try_get(3)?,
+                lost_by: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes up to `limit` finished jobs older than their status's retention (`None`: keep forever).
+/// Small batches with `SKIP LOCKED`, so it never holds many locks and instances never wait on each
+/// other.
+const JOB_DELETE_EXPIRED: &str = "
+WITH doomed AS (
+    SELECT id FROM jobs
+    WHERE (status = 'done' AND finished_at < now() - make_interval(secs => $1))
+       OR (status = 'failed' AND finished_at < now() - make_interval(secs => $2))
+       OR (status = 'cancelled' AND finished_at < now() - make_interval(secs => $3))
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM jobs j USING doomed WHERE j.id = doomed.id";
+
+pub async fn job_delete_expired(
+    client: &impl GenericClient,
+    done: Option<Duration>,
+    failed: Option<Duration>,
+    cancelled: Option<Duration>,
+    limit: i64,
+) -> Result<u64, DbError> {
+    let (d, f, c) = (done.map(secs), failed.map(secs), cancelled.map(secs));
+    Ok(client
+        .execute(JOB_DELETE_EXPIRED, &[&d, &f, &c, &limit])
+        .await?)
+}

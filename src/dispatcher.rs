@@ -1,0 +1,148 @@
+//! The dispatcher: one dedicated connection that `LISTEN`s and turns notifications into wake-ups.
+//!
+//! It is a plain tokio-postgres connection, never a pooled one: a pool hands connections around and
+//! recycles them, and a notification delivered to a connection nobody is reading is silently lost.
+//! Messages are read with `Connection::poll_message`, which also drives the connection's own queries.
+//!
+//! NOTIFY is only a hint. When the connection breaks, notifications sent during the gap are gone, so
+//! after reconnecting (capped exponential backoff) and re-listening it wakes every producer once to
+//! sweep the table. The producers' poll fallback covers anything else.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use slog::{debug, info, warn, Logger};
+use tokio::sync::{mpsc, Notify};
+use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::queries::{CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::db::DbError;
+use crate::worker::running::{Running, StopReason};
+
+/// `application_name` of the listening connection, so operators (and tests) can find it.
+pub const APPLICATION_NAME: &str = "jobqueue-listener";
+
+pub struct Dispatcher {
+    pub url: String,
+    pub wakes: HashMap<String, Arc<Notify>>,
+    pub running: Arc<Running>,
+    /// How often the connection is checked with a trivial query, so a silently dead one is noticed.
+    pub ping_interval: Duration,
+    pub log: Logger,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Dispatcher {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let log = self.log.new(slog::o!("component" => "dispatcher"));
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.session(&shutdown, &log).await {
+                Ok(()) => return,
+                Err(e) => warn!(log, "listen connection lost; reconnecting"; "err" => %e,
+                                "backoff_ms" => backoff.as_millis() as u64),
+            }
+            // A session that lasted a while was healthy: start the backoff afresh.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection's life. Returns `Ok` only on shutdown.
+    async fn session(&self, shutdown: &CancellationToken, log: &Logger) -> Result<(), DbError> {
+        let mut cfg =
+            tokio_postgres::Config::from_str(&self.url).map_err(|e| DbError::Url(e.to_string()))?;
+        cfg.application_name(APPLICATION_NAME);
+        let (client, mut connection) = cfg.connect(NoTls).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        let _abort_driver = AbortOnDrop(driver.abort_handle());
+
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};"))
+            .await?;
+        info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}"));
+        // Anything inserted while we were not listening announced itself to no one: sweep once.
+        for wake in self.wakes.values() {
+            wake.notify_one();
+        }
+
+        let mut ping = tokio::time::interval(self.ping_interval);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                n = rx.recv() => match n {
+                    Some(n) => self.deliver(&n, log),
+                    None => {
+                        return match driver.await {
+                            Ok(Err(e)) => Err(e.into()),
+                            _ => Err(DbError::Pool("listen connection closed".into())),
+                        };
+                    }
+                },
+                _ = ping.tick() => {
+                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => return Err(DbError::Pool("listen connection did not answer a ping".into())),
+                    }
+                }
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    fn deliver(&self, n: &Notification, log: &Logger) {
+        match n.channel() {
+            CHANNEL_JOBS => {
+                if let Some(wake) = self.wakes.get(n.payload()) {
+                    wake.notify_one();
+                }
+            }
+            CHANNEL_CANCEL => {
+                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                    if self.running.stop(id, StopReason::Cancelled) {
+                        info!(log, "cancelling running job"; "job_id" => %id);
+                    }
+                }
+            }
+            other => debug!(log, "notification on an unexpected channel"; "channel" => other),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,38 @@
+//! jobqueue: a durable job queue on PostgreSQL.
+//!
+//! The `jobs` table is the queue. Inserting a row (over HTTP or with plain SQL) fires a NOTIFY that
+//! wakes workers, who claim rows with `FOR UPDATE SKIP LOCKED` under a lease. See
+//! `docs/architecture.md` for the whole picture.
+//!
+//! Embedding the engine with handlers of your own:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use jobqueue::{Builder, Config, JobContext, HandlerError};
+//! let service = Builder::new(Config::default())
+//!     .handler("default", |ctx: JobContext| async move {
+//!         Ok::<_, HandlerError>(serde_json::json!({"echo": ctx.job.payload}))
+//!     })
+//!     .start()
+//!     .await?;
+//! service.stop().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod db;
+pub mod dispatcher;
+pub mod job;
+pub mod logging;
+pub mod maintenance;
+pub mod service;
+pub mod waiters;
+pub mod worker;
+
+pub use config::{Config, QueueConfig};
+pub use job::{Job, JobStatus, NewJob, RetryPolicy};
+pub use service::{Builder, Service, StartError};
+pub use worker::handler::{default_handler, Handler, HandlerError, HandlerResult, JobContext};

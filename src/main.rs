@@ -1,0 +1,100 @@
+//! The `jobqueue` binary: parses the configuration and wires the library together.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use jobqueue::config::{Cli, Command};
+use jobqueue::{logging, service, Builder};
+use slog::{error, info, warn};
+
+fn main() -> ExitCode {
+    // A missing .env is normal; variables already set in the environment win over it.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let config = match cli.settings.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("jobqueue: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (log, _log_guard) = logging::init(config.log_format, config.log_level, true);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(log, "cannot start the runtime"; "err" => %e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Migrate => {
+                let applied = service::migrate(&config, &log).await?;
+                info!(log, "migrations up to date"; "applied_now" => applied.versions.len());
+                Ok(())
+            }
+            Command::Serve => {
+                let service = Builder::new(config)
+                    .logger(log.clone())
+                    .handler("default", jobqueue::default_handler())
+                    .start()
+                    .await?;
+                let shutdown = service.shutdown_token();
+                let signal_log = log.clone();
+                tokio::spawn(async move {
+                    let mut signals = Signals::new();
+                    let name = signals.next().await;
+                    info!(signal_log, "signal received; shutting down gracefully"; "signal" => name);
+                    shutdown.cancel();
+                    let name = signals.next().await;
+                    warn!(signal_log, "second signal; exiting now"; "signal" => name);
+                    std::process::exit(130);
+                });
+                service.join().await;
+                Ok(())
+            }
+            Command::Bench(args) => jobqueue::bench::run(&config, &args, &log).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(log, "jobqueue failed"; "err" => format!("{e:#}"));
+            drop(_log_guard);
+            eprintln!("jobqueue: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Signals {
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        let term = async {
+            match &mut self.term {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term => "SIGTERM",
+        }
+    }
+}

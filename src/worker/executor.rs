@@ -1,0 +1,224 @@
+//! Runs one claimed job: the handler under a timeout, with panics caught and cancellation observed,
+//! then hands the outcome to the completer. Holds no transaction and no row lock while it runs.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::handler::{HandlerError, JobContext};
+use super::running::StopReason;
+use super::{QueueRuntime, Shared};
+use crate::db::queries::Finish;
+use crate::job::{Job, JobStatus, RetryPolicy};
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    Done(Value),
+    /// Retryable: handler error, panic or timeout.
+    Error {
+        message: String,
+        after: Option<Duration>,
+    },
+    /// Permanent failure asked for by the handler.
+    Fail(String),
+    Snooze(Duration),
+    Cancelled,
+    /// The lease went to someone else; nothing may be written.
+    LeaseLost,
+    /// Interrupted by shutdown; back to pending without counting the attempt.
+    Released,
+}
+
+/// One finished attempt on its way to the completer.
+pub(crate) struct Finished {
+    pub job: Job,
+    pub outcome: Outcome,
+    pub started: Instant,
+}
+
+pub(crate) async fn execute(
+    job: Job,
+    _permit: OwnedSemaphorePermit,
+    queue: Arc<QueueRuntime>,
+    shared: Arc<Shared>,
+    done: mpsc::UnboundedSender<Finished>,
+) {
+    let started = Instant::now();
+    let entry = shared.running.insert(job.id);
+    let ctx = JobContext::new(job.clone(), entry.token.clone());
+    let outcome = {
+        // Creating the future may itself panic; so may polling it.
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| queue.handler.handle(ctx)));
+        match run {
+            Err(panic) => Outcome::Error {
+                message: panic_message(panic),
+                after: None,
+            },
+            Ok(fut) => {
+                let guarded =
+                    tokio::time::timeout(shared.job_timeout, AssertUnwindSafe(fut).catch_unwind());
+                tokio::select! {
+                    biased;
+                    _ = shared.hard_stop.cancelled() => Outcome::Released,
+                    _ = entry.token.cancelled() => match entry.reason.get() {
+                        Some(StopReason::LeaseLost) => Outcome::LeaseLost,
+                        _ => Outcome::Cancelled,
+                    },
+                    r = guarded => match r {
+                        Err(_) => Outcome::Error {
+                            message: format!("handler timed out after {}", humantime::format_duration(shared.job_timeout)),
+                            after: None,
+                        },
+                        Ok(Err(panic)) => Outcome::Error { message: panic_message(panic), after: None },
+                        Ok(Ok(Ok(v))) => Outcome::Done(v),
+                        Ok(Ok(Err(HandlerError::Retry { message, after }))) => Outcome::Error { message, after },
+                        Ok(Ok(Err(HandlerError::Fail { message }))) => Outcome::Fail(message),
+                        Ok(Ok(Err(HandlerError::Snooze { after }))) => Outcome::Snooze(after),
+                    },
+                }
+            }
+        }
+    };
+    // The permit goes back now (not when the outcome is written) so the producer can claim the next
+    // job while the completer batches this one.
+    drop(_permit);
+    // The completer only goes away after every sender has; a failed send means the process is exiting.
+    let _ = done.send(Finished {
+        job,
+        outcome,
+        started,
+    });
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string());
+    format!("handler panicked: {detail}")
+}
+
+/// What to write for an outcome, given the job as claimed and its queue's retry policy. `None` for a
+/// lost lease: that attempt's result belongs to no one.
+pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> Option<Finish> {
+    let base = Finish {
+        id: job.id,
+        status: JobStatus::Pending,
+        result: None,
+        error: None,
+        delay: Duration::ZERO,
+        uncount: false,
+    };
+    let max_attempts = job.max_attempts.unwrap_or(policy.max_attempts);
+    Some(match outcome {
+        Outcome::Done(v) => Finish {
+            status: JobStatus::Done,
+            result: Some(v.clone()),
+            ..base
+        },
+        Outcome::Error { message, after } if job.attempts < max_attempts => Finish {
+            error: Some(message.clone()),
+            delay: after.unwrap_or_else(|| policy.backoff_after(job.attempts)),
+            ..base
+        },
+        Outcome::Error { message, .. } | Outcome::Fail(message) => Finish {
+            status: JobStatus::Failed,
+            error: Some(message.clone()),
+            ..base
+        },
+        Outcome::Snooze(after) => Finish {
+            delay: *after,
+            uncount: true,
+            ..base
+        },
+        Outcome::Cancelled => Finish {
+            status: JobStatus::Cancelled,
+            ..base
+        },
+        Outcome::Released => Finish {
+            uncount: true,
+            ..base
+        },
+        Outcome::LeaseLost => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    fn job(attempts: i32, max_attempts: Option<i32>) -> Job {
+        let now = Utc::now();
+        Job {
+            id: Uuid::new_v4(),
+            queue: "default".into(),
+            payload: json!({}),
+            status: JobStatus::Processing,
+            result: None,
+            error: None,
+            errors: json!([]),
+            priority: 0,
+            run_at: now,
+            attempts,
+            max_attempts,
+            unique_key: None,
+            locked_by: Some("me".into()),
+            locked_until: Some(now),
+            cancel_requested_at: None,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn errors_retry_until_attempts_run_out() {
+        let p = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        let err = Outcome::Error {
+            message: "boom".into(),
+            after: None,
+        };
+        let f = finish_for(&job(2, Some(3)), &err, &p).unwrap();
+        assert_eq!(
+            (f.status, f.delay, f.error.as_deref()),
+            (JobStatus::Pending, Duration::from_secs(2), Some("boom"))
+        );
+        let f = finish_for(&job(3, Some(3)), &err, &p).unwrap();
+        assert_eq!(f.status, JobStatus::Failed);
+        // Without a per-job value the queue's default applies.
+        let f = finish_for(&job(10, None), &err, &p).unwrap();
+        assert_eq!(f.status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn snooze_and_release_do_not_count() {
+        let p = RetryPolicy::default();
+        let f = finish_for(
+            &job(1, Some(1)),
+            &Outcome::Snooze(Duration::from_secs(5)),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(
+            (f.status, f.uncount, f.delay),
+            (JobStatus::Pending, true, Duration::from_secs(5))
+        );
+        let f = finish_for(&job(1, Some(1)), &Outcome::Released, &p).unwrap();
+        assert_eq!((f.status, f.uncount), (JobStatus::Pending, true));
+        assert!(finish_for(&job(1, None), &Outcome::LeaseLost, &p).is_none());
+        let f = finish_for(&job(1, Some(5)), &Outcome::Fail("bad input".into()), &p).unwrap();
+        assert_eq!(f.status, JobStatus::Failed);
+    }
+}

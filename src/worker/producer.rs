@@ -1,0 +1,120 @@
+//! One producer per queue: it claims as many jobs as the queue has free slots, in one statement, and
+//! starts an executor for each. There is no in-memory queue: a job is either in the table or held by a
+//! running executor. When the queue runs dry the producer waits for whichever comes first: a wake-up
+//! from the dispatcher, the poll tick, or the moment the earliest scheduled job comes due.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use slog::{debug, warn};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::executor::{execute, Finished};
+use super::{QueueRuntime, Shared};
+use crate::db::{queries, ConnSlot};
+
+/// Largest claim, whatever the concurrency: keeps one statement's lock set and result modest.
+const MAX_CLAIM: usize = 1000;
+
+/// Margin added to a scheduled job's due time so that the database's `now()` has passed `run_at` when
+/// the claim runs.
+const TIMER_MARGIN: Duration = Duration::from_millis(3);
+
+pub(crate) async fn run(
+    queue: Arc<QueueRuntime>,
+    shared: Arc<Shared>,
+    done: mpsc::UnboundedSender<Finished>,
+    shutdown: CancellationToken,
+) {
+    let log = shared
+        .log
+        .new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
+    let mut conn = ConnSlot::new(&shared.url, &log);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Wait for a free slot.
+        let first = tokio::select! {
+            p = queue.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => return,
+        };
+        let want = (1 + queue.slots.available_permits()).min(MAX_CLAIM);
+
+        // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
+        // permit when the producer is not waiting, and the next `notified()` returns at once.
+        let claim = async {
+            let c = conn.get().await?;
+            queries::job_claim(
+                c,
+                &queue.config.name,
+                want as i64,
+                &shared.instance_id,
+                shared.lease,
+                queue.config.retry.max_attempts,
+            )
+            .await
+        };
+        let claimed = match claim.await {
+            Ok(c) => {
+                backoff = Duration::from_millis(100);
+                c
+            }
+            Err(e) => {
+                drop(first);
+                warn!(log, "claim failed; backing off"; "err" => %e, "backoff_ms" => backoff.as_millis() as u64);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+
+        let n = claimed.jobs.len();
+        let mut first = Some(first);
+        for job in claimed.jobs {
+            let permit = match first.take() {
+                Some(p) => p,
+                // Only this task takes permits, and `want` did not exceed what was free.
+                None => queue
+                    .slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("claimed no more jobs than free slots"),
+            };
+            debug!(log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
+            tokio::spawn(execute(
+                job,
+                permit,
+                queue.clone(),
+                shared.clone(),
+                done.clone(),
+            ));
+        }
+        drop(first);
+        if n == want {
+            // There may be more: claim again as soon as a slot is free.
+            continue;
+        }
+
+        let due = claimed
+            .next_due_in
+            .map(|d| Instant::now() + d + TIMER_MARGIN);
+        let poll = shared.poll_interval.mul_f64(0.9 + fastrand::f64() * 0.2);
+        tokio::select! {
+            _ = queue.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+            _ = sleep_until_opt(due) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,84 @@
+//! The jobs this instance holds right now: what heartbeats extend, what cancellation reaches, what
+//! shutdown releases. An entry lives from the claim until its outcome is written.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Why a running handler was stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Someone asked for the job to be cancelled.
+    Cancelled,
+    /// The lease was lost (the rescuer gave the job to someone else); the result would be dropped.
+    LeaseLost,
+}
+
+#[derive(Clone)]
+pub(crate) struct Entry {
+    pub token: CancellationToken,
+    pub reason: Arc<OnceLock<StopReason>>,
+}
+
+#[derive(Default)]
+pub struct Running {
+    jobs: Mutex<HashMap<Uuid, Entry>>,
+}
+
+impl Running {
+    pub(crate) fn insert(&self, id: Uuid) -> Entry {
+        let entry = Entry {
+            token: CancellationToken::new(),
+            reason: Arc::new(OnceLock::new()),
+        };
+        self.jobs
+            .lock()
+            .expect("running map poisoned")
+            .insert(id, entry.clone());
+        entry
+    }
+
+    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut jobs = self.jobs.lock().expect("running map poisoned");
+        for id in ids {
+            jobs.remove(&id);
+        }
+    }
+
+    pub fn ids(&self) -> Vec<Uuid> {
+        self.jobs
+            .lock()
+            .expect("running map poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.lock().expect("running map poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Signals the handler of `id`, if this instance runs it. The first reason given sticks.
+    pub fn stop(&self, id: Uuid, reason: StopReason) -> bool {
+        let entry = self
+            .jobs
+            .lock()
+            .expect("running map poisoned")
+            .get(&id)
+            .cloned();
+        match entry {
+            Some(e) => {
+                let _ = e.reason.set(reason);
+                e.token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
