@@ -41,104 +41,61 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Result<()> {
-    let latency_for = parse_duration(&args.latency_for)
-        .context("--latency-for: expected a duration such as 5s")?;
+    let latency_for = parse_duration(&args.latency_for).context("--latency-for: expected a duration such as 5s")?;
     if config.database_name().as_deref() == Some(args.database.as_str()) {
         anyhow::bail!("--database must differ from the service's database: the benchmark drops it");
     }
     let url = with_database(&config.database_url, &args.database);
     let mut admin = tokio_postgres::Config::from_str(&config.database_url)?;
     admin.dbname("postgres");
-    let (client, conn) = admin
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("connecting to the postgres database")?;
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.context("connecting to the postgres database")?;
     tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            args.database
-        ))
-        .await?;
+    client.batch_execute(&db::queries::database_drop(&args.database)).await?;
 
-    let concurrency = config
-        .queues
-        .first()
-        .map(|q| q.concurrency)
-        .unwrap_or(8)
-        .max(args.concurrency);
+    let concurrency = config.queues.first().map(|q| q.concurrency).unwrap_or(8).max(args.concurrency);
     let mut bench_config = config.clone();
     bench_config.database_url = url.clone();
-    bench_config.queues = vec![QueueConfig {
-        name: QUEUE.into(),
-        concurrency,
-        retry: RetryPolicy::default(),
-    }];
+    bench_config.queues = vec![QueueConfig { name: QUEUE.into(), concurrency, retry: RetryPolicy::default() }];
     // The benchmark's own database: migrate it before inserting.
     crate::service::migrate(&bench_config, log).await?;
     let pool = db::pool(&url, 4).await?;
 
     // Phase 1: throughput.
     let n = args.jobs as i64;
-    {
-        let c = pool.get().await?;
-        c.execute(
-            "INSERT INTO jobs (queue, payload) SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2) AS i",
-            &[&QUEUE, &n],
-        )
-        .await?;
-    }
+    db::queries::job_insert_series(&*pool.get().await?, QUEUE, n).await?;
     let count = Arc::new(AtomicU64::new(0));
     let all_started = Arc::new(Notify::new());
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handler = {
-        let (count, all_started, latencies, measuring) = (
-            count.clone(),
-            all_started.clone(),
-            latencies.clone(),
-            measuring.clone(),
-        );
+        let (count, all_started, latencies, measuring) =
+            (count.clone(), all_started.clone(), latencies.clone(), measuring.clone());
         move |ctx: JobContext| {
             let seen = count.fetch_add(1, Ordering::Relaxed) + 1;
             if seen == n as u64 {
                 all_started.notify_one();
             }
             if measuring.load(Ordering::Relaxed) {
-                let ms = (Utc::now() - ctx.job.created_at)
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1000.0;
+                let ms = (Utc::now() - ctx.job.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 latencies.lock().expect("latencies").push(ms);
             }
             async { Ok::<_, HandlerError>(serde_json::Value::Null) }
         }
     };
     let started = Instant::now();
-    let service = Builder::new(bench_config)
-        .api(false)
-        .handler(QUEUE, handler)
-        .start()
-        .await?;
+    let service = Builder::new(bench_config).api(false).handler(QUEUE, handler).start().await?;
     all_started.notified().await;
     // Wait until the last outcome is recorded, not merely run.
     let c = pool.get().await?;
-    loop {
-        let left: i64 = c
-            .query_one(
-                "SELECT count(*) FROM jobs WHERE status IN ('pending', 'processing')",
-                &[],
-            )
-            .await?
-            .get(0);
-        if left == 0 {
-            break;
-        }
+    while db::queries::job_count_unfinished(&*c).await? > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
     let rate = n as f64 / elapsed.as_secs_f64();
-    println!("throughput: {n} no-op jobs drained in {:.2}s = {rate:.0} jobs/s (concurrency {concurrency})", elapsed.as_secs_f64());
+    println!(
+        "throughput: {n} no-op jobs drained in {:.2}s = {rate:.0} jobs/s (concurrency {concurrency})",
+        elapsed.as_secs_f64()
+    );
     info!(log, "bench throughput"; "jobs" => n, "seconds" => elapsed.as_secs_f64(), "jobs_per_sec" => rate);
 
     // Phase 2: latency under a steady trickle of single inserts.
@@ -151,11 +108,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
         let pool = pool.clone();
         tokio::spawn(async move {
             if let Ok(c) = pool.get().await {
-                let _ = db::queries::job_insert(
-                    &*c,
-                    &NewJob::new(serde_json::json!({"i": i})).queue(QUEUE),
-                )
-                .await;
+                let _ = db::queries::job_insert(&*c, &NewJob::new(serde_json::json!({"i": i})).queue(QUEUE)).await;
             }
         });
     }
@@ -166,11 +119,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     service.stop().await;
     let mut l = latencies.lock().expect("latencies").clone();
     l.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
     println!(
         "latency: {} jobs at {}/s, enqueue-to-start ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
         l.len(),
@@ -182,12 +131,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     );
     drop(c);
     drop(pool);
-    client
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            args.database
-        ))
-        .await?;
+    client.batch_execute(&db::queries::database_drop(&args.database)).await?;
     Ok(())
 }
 
@@ -195,17 +139,8 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
 mod tests {
     #[test]
     fn database_name_is_replaced() {
-        assert_eq!(
-            super::with_database("postgres://u@h:5432/a", "b"),
-            "postgres://u@h:5432/b"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h/a?sslmode=disable", "b"),
-            "postgres://u@h/b?sslmode=disable"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h", "b"),
-            "postgres://u@h/b"
-        );
+        assert_eq!(super::with_database("postgres://u@h:5432/a", "b"), "postgres://u@h:5432/b");
+        assert_eq!(super::with_database("postgres://u@h/a?sslmode=disable", "b"), "postgres://u@h/b?sslmode=disable");
+        assert_eq!(super::with_database("postgres://u@h", "b"), "postgres://u@h/b");
     }
 }

@@ -25,19 +25,11 @@ pub struct ConfigError {
 }
 
 fn bad(name: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
-    ConfigError {
-        name,
-        value: value.to_string(),
-        expected: expected.into(),
-    }
+    ConfigError { name, value: value.to_string(), expected: expected.into() }
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "jobqueue",
-    version,
-    about = "A durable job queue service on PostgreSQL"
-)]
+#[command(name = "jobqueue", version, about = "A durable job queue service on PostgreSQL")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -166,6 +158,8 @@ pub struct Config {
     pub bind: IpAddr,
     pub port: u16,
     pub queues: Vec<QueueConfig>,
+    /// The retry policy from MAX_ATTEMPTS and RETRY_*: what queues get unless QUEUES says otherwise.
+    pub default_retry: RetryPolicy,
     pub log_format: LogFormat,
     pub log_level: slog::Level,
     pub max_body_bytes: u64,
@@ -209,6 +203,7 @@ impl Default for Config {
                 concurrency: 8,
                 retry: RetryPolicy::default(),
             }],
+            default_retry: RetryPolicy::default(),
             log_format: LogFormat::Term,
             log_level: slog::Level::Info,
             max_body_bytes: 1024 * 1024,
@@ -255,14 +250,7 @@ fn duration(
     let Some(raw) = raw else { return Ok(default) };
     match parse_duration(raw) {
         Some(d) if d >= min => Ok(d),
-        _ => Err(bad(
-            name,
-            raw,
-            format!(
-                "{DURATION_FORMS}, at least {}",
-                humantime::format_duration(min)
-            ),
-        )),
+        _ => Err(bad(name, raw, format!("{DURATION_FORMS}, at least {}", humantime::format_duration(min)))),
     }
 }
 
@@ -275,11 +263,7 @@ fn retention(
     match parse_duration(raw) {
         Some(Duration::ZERO) => Ok(None),
         Some(d) => Ok(Some(d)),
-        None => Err(bad(
-            name,
-            raw,
-            format!("{DURATION_FORMS}, or 0 to keep forever"),
-        )),
+        None => Err(bad(name, raw, format!("{DURATION_FORMS}, or 0 to keep forever"))),
     }
 }
 
@@ -293,11 +277,7 @@ fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     let Some(raw) = raw else { return Ok(default) };
     match raw.trim().parse::<T>() {
         Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(bad(
-            name,
-            raw,
-            format!("a whole number from {min} to {max}"),
-        )),
+        _ => Err(bad(name, raw, format!("a whole number from {min} to {max}"))),
     }
 }
 
@@ -309,21 +289,16 @@ impl Settings {
             None => d.database_url.clone(),
             Some(url) => {
                 url.parse::<tokio_postgres::Config>().map_err(|_| {
-                    bad(
-                        "DATABASE_URL",
-                        url,
-                        "a PostgreSQL URL such as postgres://user@host:5432/dbname",
-                    )
+                    bad("DATABASE_URL", url, "a PostgreSQL URL such as postgres://user@host:5432/dbname")
                 })?;
                 url.clone()
             }
         };
         let bind = match &self.bind {
             None => d.bind,
-            Some(raw) => raw
-                .trim()
-                .parse()
-                .map_err(|_| bad("BIND", raw, "an IP address such as 0.0.0.0 or 127.0.0.1"))?,
+            Some(raw) => {
+                raw.trim().parse().map_err(|_| bad("BIND", raw, "an IP address such as 0.0.0.0 or 127.0.0.1"))?
+            }
         };
         let port = number("PORT", &self.port, d.port, 0, u16::MAX)?;
         let log_format = match self.log_format.as_deref().map(str::trim) {
@@ -331,11 +306,7 @@ impl Settings {
             Some("json") => LogFormat::Json,
             Some(other) => return Err(bad("LOG_FORMAT", other, "term or json")),
         };
-        let log_level = match self
-            .log_level
-            .as_deref()
-            .map(|s| s.trim().to_ascii_lowercase())
-        {
+        let log_level = match self.log_level.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
             None => d.log_level,
             Some(l) => match l.as_str() {
                 "error" => slog::Level::Error,
@@ -346,51 +317,22 @@ impl Settings {
                 _ => return Err(bad("LOG_LEVEL", &l, "error, warn, info, debug or trace")),
             },
         };
-        let max_body_bytes = number(
-            "MAX_BODY_BYTES",
-            &self.max_body_bytes,
-            d.max_body_bytes,
-            1024,
-            1 << 30,
-        )?;
+        let max_body_bytes = number("MAX_BODY_BYTES", &self.max_body_bytes, d.max_body_bytes, 1024, 1 << 30)?;
         let ms = Duration::from_millis;
-        let poll_interval = duration(
-            "POLL_INTERVAL",
-            &self.poll_interval,
-            d.poll_interval,
-            ms(10),
-        )?;
+        let poll_interval = duration("POLL_INTERVAL", &self.poll_interval, d.poll_interval, ms(10))?;
         let job_lease = duration("JOB_LEASE", &self.job_lease, d.job_lease, ms(500))?;
         let job_timeout = duration("JOB_TIMEOUT", &self.job_timeout, d.job_timeout, ms(1))?;
-        let shutdown_timeout = duration(
-            "SHUTDOWN_TIMEOUT",
-            &self.shutdown_timeout,
-            d.shutdown_timeout,
-            Duration::ZERO,
-        )?;
-        let maintenance_interval = duration(
-            "MAINTENANCE_INTERVAL",
-            &self.maintenance_interval,
-            d.maintenance_interval,
-            ms(100),
-        )?;
+        let shutdown_timeout =
+            duration("SHUTDOWN_TIMEOUT", &self.shutdown_timeout, d.shutdown_timeout, Duration::ZERO)?;
+        let maintenance_interval =
+            duration("MAINTENANCE_INTERVAL", &self.maintenance_interval, d.maintenance_interval, ms(100))?;
         let db_pool_size = number("DB_POOL_SIZE", &self.db_pool_size, d.db_pool_size, 1, 1000)?;
 
         let rd = RetryPolicy::default();
         let retry = RetryPolicy {
             max_attempts: number("MAX_ATTEMPTS", &self.max_attempts, rd.max_attempts, 1, 1000)?,
-            backoff: duration(
-                "RETRY_BACKOFF",
-                &self.retry_backoff,
-                rd.backoff,
-                Duration::ZERO,
-            )?,
-            backoff_max: duration(
-                "RETRY_BACKOFF_MAX",
-                &self.retry_backoff_max,
-                rd.backoff_max,
-                Duration::ZERO,
-            )?,
+            backoff: duration("RETRY_BACKOFF", &self.retry_backoff, rd.backoff, Duration::ZERO)?,
+            backoff_max: duration("RETRY_BACKOFF_MAX", &self.retry_backoff_max, rd.backoff_max, Duration::ZERO)?,
             jitter: match &self.retry_jitter {
                 None => rd.jitter,
                 Some(raw) => match raw.trim().parse::<f64>() {
@@ -402,11 +344,7 @@ impl Settings {
 
         let workers = number("WORKERS", &self.workers, 8usize, 1, 10_000)?;
         let queues = match &self.queues {
-            None => vec![QueueConfig {
-                name: DEFAULT_QUEUE.to_string(),
-                concurrency: workers,
-                retry: retry.clone(),
-            }],
+            None => vec![QueueConfig { name: DEFAULT_QUEUE.to_string(), concurrency: workers, retry: retry.clone() }],
             Some(raw) => parse_queues(raw, &retry)?,
         };
 
@@ -414,22 +352,12 @@ impl Settings {
         let retention = Retention {
             done: retention("RETENTION_DONE", &self.retention_done, rt.done)?,
             failed: retention("RETENTION_FAILED", &self.retention_failed, rt.failed)?,
-            cancelled: retention(
-                "RETENTION_CANCELLED",
-                &self.retention_cancelled,
-                rt.cancelled,
-            )?,
+            cancelled: retention("RETENTION_CANCELLED", &self.retention_cancelled, rt.cancelled)?,
         };
         let instance_id = match &self.instance_id {
             None => d.instance_id.clone(),
             Some(id) if !id.trim().is_empty() && id.len() <= 200 => id.trim().to_string(),
-            Some(id) => {
-                return Err(bad(
-                    "INSTANCE_ID",
-                    id,
-                    "a non-empty name of at most 200 characters",
-                ))
-            }
+            Some(id) => return Err(bad("INSTANCE_ID", id, "a non-empty name of at most 200 characters")),
         };
 
         let config = Config {
@@ -437,6 +365,7 @@ impl Settings {
             bind,
             port,
             queues,
+            default_retry: retry,
             log_format,
             log_level,
             max_body_bytes,
@@ -462,55 +391,30 @@ pub fn parse_queues(raw: &str, defaults: &RetryPolicy) -> Result<Vec<QueueConfig
     let mut out = Vec::new();
     for spec in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let mut parts = spec.split(':');
-        let name = parts
-            .next()
-            .map(str::trim)
-            .filter(|n| !n.is_empty() && n.len() <= 128)
-            .ok_or_else(err)?;
+        let name = parts.next().map(str::trim).filter(|n| !n.is_empty() && n.len() <= 128).ok_or_else(err)?;
         let concurrency = match parts.next() {
             None => 1,
-            Some(c) => c
-                .trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|c| (1..=10_000).contains(c))
-                .ok_or_else(err)?,
+            Some(c) => c.trim().parse::<usize>().ok().filter(|c| (1..=10_000).contains(c)).ok_or_else(err)?,
         };
         let mut retry = defaults.clone();
         for opt in parts {
             let (key, value) = opt.split_once('=').ok_or_else(err)?;
             match key.trim() {
                 "max_attempts" => {
-                    retry.max_attempts = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=1000).contains(n))
-                        .ok_or_else(err)?
+                    retry.max_attempts = value.parse().ok().filter(|n| (1..=1000).contains(n)).ok_or_else(err)?
                 }
                 "backoff" => retry.backoff = parse_duration(value).ok_or_else(err)?,
                 "backoff_max" => retry.backoff_max = parse_duration(value).ok_or_else(err)?,
                 "jitter" => {
-                    retry.jitter = value
-                        .parse()
-                        .ok()
-                        .filter(|j: &f64| (0.0..=1.0).contains(j))
-                        .ok_or_else(err)?
+                    retry.jitter = value.parse().ok().filter(|j: &f64| (0.0..=1.0).contains(j)).ok_or_else(err)?
                 }
                 _ => return Err(err()),
             }
         }
         if seen.insert(name.to_string(), ()).is_some() {
-            return Err(bad(
-                "QUEUES",
-                raw,
-                format!("each queue once ({name} appears twice)"),
-            ));
+            return Err(bad("QUEUES", raw, format!("each queue once ({name} appears twice)")));
         }
-        out.push(QueueConfig {
-            name: name.to_string(),
-            concurrency,
-            retry,
-        });
+        out.push(QueueConfig { name: name.to_string(), concurrency, retry });
     }
     if out.is_empty() {
         return Err(err());
@@ -521,11 +425,7 @@ pub fn parse_queues(raw: &str, defaults: &RetryPolicy) -> Result<Vec<QueueConfig
 impl Config {
     /// The database name in `database_url`, used to create it when missing.
     pub fn database_name(&self) -> Option<String> {
-        self.database_url
-            .parse::<tokio_postgres::Config>()
-            .ok()?
-            .get_dbname()
-            .map(str::to_string)
+        self.database_url.parse::<tokio_postgres::Config>().ok()?.get_dbname().map(str::to_string)
     }
 
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
@@ -550,42 +450,22 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let s = Settings {
-            port: Some("http".into()),
-            ..Default::default()
-        };
+        let s = Settings { port: Some("http".into()), ..Default::default() };
         let e = s.resolve().unwrap_err();
         assert_eq!(e.name, "PORT");
-        assert!(
-            e.to_string()
-                .starts_with("invalid PORT=\"http\": expected a whole number"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("invalid PORT=\"http\": expected a whole number"), "{e}");
 
-        let s = Settings {
-            workers: Some("0".into()),
-            ..Default::default()
-        };
+        let s = Settings { workers: Some("0".into()), ..Default::default() };
         assert_eq!(s.resolve().unwrap_err().name, "WORKERS");
-        let s = Settings {
-            poll_interval: Some("fast".into()),
-            ..Default::default()
-        };
+        let s = Settings { poll_interval: Some("fast".into()), ..Default::default() };
         assert_eq!(s.resolve().unwrap_err().name, "POLL_INTERVAL");
-        let s = Settings {
-            log_format: Some("xml".into()),
-            ..Default::default()
-        };
+        let s = Settings { log_format: Some("xml".into()), ..Default::default() };
         assert_eq!(s.resolve().unwrap_err().name, "LOG_FORMAT");
     }
 
     #[test]
     fn queues_parse_with_options() {
-        let q = parse_queues(
-            "default:8, email:2:max_attempts=3:backoff=5s,reports",
-            &RetryPolicy::default(),
-        )
-        .unwrap();
+        let q = parse_queues("default:8, email:2:max_attempts=3:backoff=5s,reports", &RetryPolicy::default()).unwrap();
         assert_eq!(q.len(), 3);
         assert_eq!(q[1].name, "email");
         assert_eq!(q[1].concurrency, 2);
@@ -599,10 +479,7 @@ mod tests {
 
     #[test]
     fn workers_is_shorthand_for_the_default_queue() {
-        let s = Settings {
-            workers: Some("3".into()),
-            ..Default::default()
-        };
+        let s = Settings { workers: Some("3".into()), ..Default::default() };
         let c = s.resolve().unwrap();
         assert_eq!(c.queues.len(), 1);
         assert_eq!(c.queues[0].name, "default");
@@ -611,10 +488,7 @@ mod tests {
 
     #[test]
     fn zero_retention_disables_deletion() {
-        let s = Settings {
-            retention_done: Some("0".into()),
-            ..Default::default()
-        };
+        let s = Settings { retention_done: Some("0".into()), ..Default::default() };
         assert_eq!(s.resolve().unwrap().retention.done, None);
     }
 }

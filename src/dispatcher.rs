@@ -64,8 +64,7 @@ impl Dispatcher {
 
     /// One connection's life. Returns `Ok` only on shutdown.
     async fn session(&self, shutdown: &CancellationToken, log: &Logger) -> Result<(), DbError> {
-        let mut cfg =
-            tokio_postgres::Config::from_str(&self.url).map_err(|e| DbError::Url(e.to_string()))?;
+        let mut cfg = tokio_postgres::Config::from_str(&self.url).map_err(|e| DbError::Url(e.to_string()))?;
         cfg.application_name(APPLICATION_NAME);
         let (client, mut connection) = cfg.connect(NoTls).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
@@ -86,9 +85,7 @@ impl Dispatcher {
         });
         let _abort_driver = AbortOnDrop(driver.abort_handle());
 
-        client
-            .batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};"))
-            .await?;
+        client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};")).await?;
         info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}"));
         // Anything inserted while we were not listening announced itself to no one: sweep once.
         for wake in self.wakes.values() {

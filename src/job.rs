@@ -28,13 +28,8 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Pending,
-        JobStatus::Processing,
-        JobStatus::Done,
-        JobStatus::Failed,
-        JobStatus::Cancelled,
-    ];
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Pending, JobStatus::Processing, JobStatus::Done, JobStatus::Failed, JobStatus::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,10 +55,7 @@ impl JobStatus {
 
     /// Done, failed and cancelled are final until someone retries the job.
     pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled
-        )
+        matches!(self, JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled)
     }
 
     /// The transitions of `docs/state_machine.md`. The SQL in `db::queries` makes exactly these; this
@@ -147,10 +139,7 @@ impl NewJob {
     /// wrong before anything reaches the database.
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.queue.is_empty() || self.queue.len() > QUEUE_NAME_MAX {
-            return Err(FieldError::new(
-                "queue",
-                format!("must be 1 to {QUEUE_NAME_MAX} bytes long"),
-            ));
+            return Err(FieldError::new("queue", format!("must be 1 to {QUEUE_NAME_MAX} bytes long")));
         }
         if self.queue.contains('\0') {
             return Err(FieldError::new("queue", "must not contain NUL characters"));
@@ -158,37 +147,25 @@ impl NewJob {
         if !(PRIORITY_RANGE.0..=PRIORITY_RANGE.1).contains(&self.priority) {
             return Err(FieldError::new(
                 "priority",
-                format!(
-                    "must be between {} and {} (lower runs first)",
-                    PRIORITY_RANGE.0, PRIORITY_RANGE.1
-                ),
+                format!("must be between {} and {} (lower runs first)", PRIORITY_RANGE.0, PRIORITY_RANGE.1),
             ));
         }
         if let Some(m) = self.max_attempts {
             if !(MAX_ATTEMPTS_RANGE.0..=MAX_ATTEMPTS_RANGE.1).contains(&m) {
                 return Err(FieldError::new(
                     "max_attempts",
-                    format!(
-                        "must be between {} and {}",
-                        MAX_ATTEMPTS_RANGE.0, MAX_ATTEMPTS_RANGE.1
-                    ),
+                    format!("must be between {} and {}", MAX_ATTEMPTS_RANGE.0, MAX_ATTEMPTS_RANGE.1),
                 ));
             }
         }
         if let Some(k) = &self.unique_key {
             if k.is_empty() || k.len() > UNIQUE_KEY_MAX || k.contains('\0') {
-                return Err(FieldError::new(
-                    "unique_key",
-                    format!("must be 1 to {UNIQUE_KEY_MAX} bytes, no NUL"),
-                ));
+                return Err(FieldError::new("unique_key", format!("must be 1 to {UNIQUE_KEY_MAX} bytes, no NUL")));
             }
         }
         if contains_nul(&self.payload) {
             // Postgres' jsonb cannot store U+0000; refuse it here rather than let the insert fail.
-            return Err(FieldError::new(
-                "payload",
-                "must not contain \\u0000 (PostgreSQL jsonb cannot store it)",
-            ));
+            return Err(FieldError::new("payload", "must not contain \\u0000 (PostgreSQL jsonb cannot store it)"));
         }
         Ok(())
     }
@@ -212,10 +189,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
+        FieldError { field: field.into(), message: message.into() }
     }
 }
 
@@ -227,10 +201,11 @@ impl std::fmt::Display for FieldError {
 
 /// How a queue retries failed attempts.
 ///
-/// Defaults: 10 attempts, backoff 1s doubling per attempt, capped at 10 minutes, ±20% jitter. The
-/// attempts then span about 17 minutes: long enough to ride out a deploy or a brief outage of a
-/// downstream service, short enough that a persistent bug surfaces as `failed` the same hour rather
-/// than retrying quietly for a day (River's and graphile-worker's 25 attempts span days).
+/// Defaults: 10 attempts, backoff 2s doubling per attempt, capped at 10 minutes, ±20% jitter. The nine
+/// waits between attempts then add up to about 17 minutes (2+4+...+512 s): long enough to ride out a
+/// deploy or a brief outage of a downstream service, short enough that a persistent bug surfaces as
+/// `failed` the same hour rather than retrying quietly for a day (River's and graphile-worker's 25
+/// attempts span days).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     pub max_attempts: i32,
@@ -245,7 +220,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             max_attempts: 10,
-            backoff: Duration::from_secs(1),
+            backoff: Duration::from_secs(2),
             backoff_max: Duration::from_secs(600),
             jitter: 0.2,
         }
@@ -257,10 +232,7 @@ impl RetryPolicy {
     /// then spread by the jitter.
     pub fn backoff_after(&self, attempt: i32) -> Duration {
         let exp = attempt.clamp(1, 32) as u32 - 1;
-        let base = self
-            .backoff
-            .saturating_mul(1u32 << exp.min(31))
-            .min(self.backoff_max);
+        let base = self.backoff.saturating_mul(1u32 << exp.min(31)).min(self.backoff_max);
         let spread = 1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0);
         base.mul_f64(spread.max(0.0))
     }
@@ -283,11 +255,7 @@ mod tests {
         for from in JobStatus::ALL.into_iter().filter(|s| s.is_finished()) {
             for to in JobStatus::ALL {
                 let allowed = from.can_become(to);
-                assert_eq!(
-                    allowed,
-                    from != JobStatus::Done && to == JobStatus::Pending,
-                    "{from} -> {to}"
-                );
+                assert_eq!(allowed, from != JobStatus::Done && to == JobStatus::Pending, "{from} -> {to}");
             }
         }
         assert!(!JobStatus::Pending.can_become(JobStatus::Done));
@@ -295,33 +263,21 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy {
-            jitter: 0.0,
-            ..RetryPolicy::default()
-        };
+        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
         assert_eq!(p.backoff_after(1), Duration::from_secs(1));
         assert_eq!(p.backoff_after(2), Duration::from_secs(2));
         assert_eq!(p.backoff_after(5), Duration::from_secs(16));
         assert_eq!(p.backoff_after(30), Duration::from_secs(600));
-        let j = RetryPolicy::default();
+        let j = RetryPolicy { backoff: Duration::from_secs(1), ..RetryPolicy::default() };
         for _ in 0..100 {
             let d = j.backoff_after(3);
-            assert!(
-                d >= Duration::from_millis(3200) && d <= Duration::from_millis(4800),
-                "{d:?}"
-            );
+            assert!(d >= Duration::from_millis(3200) && d <= Duration::from_millis(4800), "{d:?}");
         }
     }
 
     #[test]
     fn validation_names_the_field() {
-        assert_eq!(
-            NewJob::new(json!({"a": "x\u{0}"}))
-                .validate()
-                .unwrap_err()
-                .field,
-            "payload"
-        );
+        assert_eq!(NewJob::new(json!({"a": "x\u{0}"})).validate().unwrap_err().field, "payload");
         let mut j = NewJob::new(json!(1));
         j.priority = 5000;
         assert_eq!(j.validate().unwrap_err().field, "priority");

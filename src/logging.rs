@@ -23,13 +23,9 @@ pub fn init(format: LogFormat, level: slog::Level, bridge: bool) -> (Logger, Log
             let decorator = slog_term::TermDecorator::new().stderr().build();
             Box::new(slog_term::FullFormat::new(decorator).build().fuse())
         }
-        LogFormat::Json => Box::new(
-            slog_json::Json::new(std::io::stderr())
-                .set_newlines(true)
-                .add_default_keys()
-                .build()
-                .fuse(),
-        ),
+        LogFormat::Json => {
+            Box::new(slog_json::Json::new(std::io::stderr()).set_newlines(true).add_default_keys().build().fuse())
+        }
     };
     // A full channel drops records (and reports how many) rather than block the caller.
     let (async_drain, async_guard) = slog_async::Async::new(drain)
@@ -44,22 +40,12 @@ pub fn init(format: LogFormat, level: slog::Level, bridge: bool) -> (Logger, Log
         let guard = slog_scope::set_global_logger(root.new(o!("component" => "lib")));
         let _ = slog_stdlog::init_with_level(log_level(level));
         // tokio-postgres and hyper are chatty below info; keep them to warnings unless asked.
-        log::set_max_level(if level >= slog::Level::Debug {
-            log::LevelFilter::Debug
-        } else {
-            log::LevelFilter::Warn
-        });
+        log::set_max_level(if level >= slog::Level::Debug { log::LevelFilter::Debug } else { log::LevelFilter::Warn });
         Some(guard)
     } else {
         None
     };
-    (
-        root,
-        LogGuard {
-            _scope: scope,
-            _async: Some(async_guard),
-        },
-    )
+    (root, LogGuard { _scope: scope, _async: Some(async_guard) })
 }
 
 fn log_level(level: slog::Level) -> log::Level {

@@ -20,10 +20,7 @@ fn main() -> ExitCode {
         }
     };
     let (log, _log_guard) = logging::init(config.log_format, config.log_level, true);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             error!(log, "cannot start the runtime"; "err" => %e);
@@ -38,11 +35,13 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Serve => {
-                let service = Builder::new(config)
-                    .logger(log.clone())
-                    .handler("default", jobqueue::default_handler())
-                    .start()
-                    .await?;
+                // The binary does what the original service did, for every queue it is told to serve;
+                // real work comes from embedding the library with handlers of your own.
+                let mut builder = Builder::new(config.clone()).logger(log.clone());
+                for q in &config.queues {
+                    builder = builder.handler(&q.name, jobqueue::default_handler());
+                }
+                let service = builder.start().await?;
                 let shutdown = service.shutdown_token();
                 let signal_log = log.clone();
                 tokio::spawn(async move {
@@ -78,9 +77,7 @@ struct Signals {
 
 impl Signals {
     fn new() -> Self {
-        Signals {
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
-        }
+        Signals { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() }
     }
 
     async fn next(&mut self) -> &'static str {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Retention;
 use crate::db::{queries, DbError, Pool};
-use crate::job::{JobStatus, RetryPolicy};
+use crate::job::JobStatus;
 
 /// Rows per rescue or delete statement.
 const BATCH: i64 = 500;
@@ -26,6 +26,9 @@ pub struct Maintenance {
     /// How often old finished jobs are deleted.
     pub retention_interval: Duration,
     pub retention: Retention,
+    /// Attempts allowed for a job that has none recorded (only rows set to processing by hand: the
+    /// claim records the queue's value).
+    pub default_max_attempts: i32,
     /// Local producers to wake when jobs of their queue are rescued.
     pub wakes: HashMap<String, Arc<Notify>>,
     pub log: Logger,
@@ -59,9 +62,7 @@ impl Maintenance {
         let client = self.pool.get().await?;
         let mut total = 0;
         loop {
-            let rescued =
-                queries::job_rescue_expired(&*client, BATCH, RetryPolicy::default().max_attempts)
-                    .await?;
+            let rescued = queries::job_rescue_expired(&*client, BATCH, self.default_max_attempts).await?;
             total += rescued.len();
             let mut queues = BTreeSet::new();
             for r in &rescued {
@@ -96,8 +97,7 @@ impl Maintenance {
         let client = self.pool.get().await?;
         let mut total = 0;
         loop {
-            let n =
-                queries::job_delete_expired(&*client, r.done, r.failed, r.cancelled, BATCH).await?;
+            let n = queries::job_delete_expired(&*client, r.done, r.failed, r.cancelled, BATCH).await?;
             total += n;
             if (n as i64) < BATCH || shutdown.is_cancelled() {
                 break;

@@ -26,10 +26,7 @@ pub enum StartError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// How often waiters of `GET /jobs/{id}?wait=` look for jobs finished by other instances.
@@ -52,12 +49,7 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(config: Config) -> Builder {
-        Builder {
-            config,
-            handlers: HashMap::new(),
-            log: crate::logging::discard(),
-            api: true,
-        }
+        Builder { config, handlers: HashMap::new(), log: crate::logging::discard(), api: true }
     }
 
     /// Registers the handler of `queue`. A queue is served when it has a handler and is listed in the
@@ -89,12 +81,7 @@ impl Builder {
 
     /// Migrates, binds, and starts every component. Returns once the service is accepting requests.
     pub async fn start(self) -> Result<Service, StartError> {
-        let Builder {
-            config,
-            mut handlers,
-            log,
-            api,
-        } = self;
+        let Builder { config, mut handlers, log, api } = self;
         let log = log.new(slog::o!("instance" => config.instance_id.clone()));
         migrate(&config, &log).await?;
         let pool = db::pool(&config.database_url, config.db_pool_size).await?;
@@ -142,6 +129,7 @@ impl Builder {
             rescue_interval: config.maintenance_interval.min(config.job_lease / 2),
             retention_interval: config.maintenance_interval,
             retention: config.retention,
+            default_max_attempts: config.default_retry.max_attempts,
             wakes,
             log: log.clone(),
         };
@@ -150,12 +138,9 @@ impl Builder {
         let mut api_task = None;
         if api {
             let bind = SocketAddr::new(config.bind, config.port);
-            let listener = tokio::net::TcpListener::bind(bind)
-                .await
-                .map_err(|source| StartError::Bind { addr: bind, source })?;
-            let local = listener
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr: bind, source })?;
+            let listener =
+                tokio::net::TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
+            let local = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
             let state = Arc::new(ApiState {
                 pool: pool.clone(),
                 waiters: waiters.clone(),
@@ -163,23 +148,19 @@ impl Builder {
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
             });
-            let server = warp::serve(api::routes(state))
-                .incoming(listener)
-                .graceful(shutdown.clone().cancelled_owned());
+            let server =
+                warp::serve(api::routes(state)).incoming(listener).graceful(shutdown.clone().cancelled_owned());
             api_task = Some(tokio::spawn(server.run()));
             info!(log, "listening"; "addr" => %local);
             addr = Some(local);
         }
 
-        let tasks = vec![
-            tokio::spawn(dispatcher.run(shutdown.clone())),
-            tokio::spawn(maintenance.run(shutdown.clone())),
-            {
+        let tasks =
+            vec![tokio::spawn(dispatcher.run(shutdown.clone())), tokio::spawn(maintenance.run(shutdown.clone())), {
                 let waiters = waiters.clone();
                 let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());
                 tokio::spawn(async move { waiters.poll(pool, WAITER_POLL, log, shutdown).await })
-            },
-        ];
+            }];
         let engine_task = tokio::spawn(engine.run(shutdown.clone()));
         let supervisor = {
             let (shutdown, log, grace) = (shutdown.clone(), log.clone(), config.shutdown_timeout);
@@ -198,12 +179,7 @@ impl Builder {
             })
         };
         info!(log, "jobqueue started");
-        Ok(Service {
-            addr,
-            shutdown,
-            supervisor,
-            pool,
-        })
+        Ok(Service { addr, shutdown, supervisor, pool })
     }
 }
 

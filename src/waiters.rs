@@ -25,12 +25,7 @@ impl Waiters {
     /// Registers interest in `id`; the receiver completes when the job is seen finished.
     pub fn register(&self, id: Uuid) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("waiters poisoned")
-            .entry(id)
-            .or_default()
-            .push(tx);
+        self.waiting.lock().expect("waiters poisoned").entry(id).or_default().push(tx);
         rx
     }
 
@@ -59,13 +54,7 @@ impl Waiters {
         waiting.keys().copied().collect()
     }
 
-    pub async fn poll(
-        &self,
-        pool: Pool,
-        interval: Duration,
-        log: Logger,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn poll(&self, pool: Pool, interval: Duration, log: Logger, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

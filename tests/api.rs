@@ -49,7 +49,7 @@ where
         req = req.header(*k, *v);
     }
     if let Some(b) = body {
-        req = req.body(b.to_string());
+        req = req.body(b);
     }
     let resp = req.reply(api).await;
     let status = resp.status().as_u16();
@@ -116,8 +116,8 @@ async fn optional_fields_are_stored() {
     let ahead = run_at.signed_duration_since(chrono::Utc::now()).num_seconds();
     assert!((25..=31).contains(&ahead), "run_at {ahead}s ahead");
 
-    let r = call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "delay": "30s", "run_at": "2030-01-01T00:00:00Z"}"#))
-        .await;
+    let r =
+        call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "delay": "30s", "run_at": "2030-01-01T00:00:00Z"}"#)).await;
     assert_error(&r, 400, "invalid_field");
     assert!(r.body["message"].as_str().unwrap().contains("delay"));
 }
@@ -227,13 +227,20 @@ async fn bad_input_gets_a_clear_json_error_and_loses_nothing() {
     let r = call(&api, "POST", "/jobs", Some(&big)).await;
     assert_error(&r, 413, "payload_too_large");
 
-    let r = call_with(&api, "POST", "/jobs", Some("payload=1"), &[("content-type", "application/x-www-form-urlencoded")])
-        .await;
+    let r =
+        call_with(&api, "POST", "/jobs", Some("payload=1"), &[("content-type", "application/x-www-form-urlencoded")])
+            .await;
     assert_error(&r, 415, "unsupported_media_type");
     let r = call_with(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#), &[("content-type", "text/plain")]).await;
     assert_error(&r, 415, "unsupported_media_type");
-    let r = call_with(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#), &[("content-type", "application/json; charset=utf-8")])
-        .await;
+    let r = call_with(
+        &api,
+        "POST",
+        "/jobs",
+        Some(r#"{"payload": 1}"#),
+        &[("content-type", "application/json; charset=utf-8")],
+    )
+    .await;
     assert_eq!(r.status, 201, "JSON with a charset is fine");
 
     assert_error(&call(&api, "GET", "/nope", None).await, 404, "not_found");
@@ -272,7 +279,8 @@ async fn batch_inserts_all_or_nothing() {
     let db = TestDb::new().await;
     let api = api_for(&db.url, 4 << 20).await;
     let c = db.client().await;
-    let items: Vec<Value> = (0..500).map(|i| json!({"payload": {"i": i}, "queue": if i % 2 == 0 { "a" } else { "b" }})).collect();
+    let items: Vec<Value> =
+        (0..500).map(|i| json!({"payload": {"i": i}, "queue": if i % 2 == 0 { "a" } else { "b" }})).collect();
     let r = call(&api, "POST", "/jobs/batch", Some(&Value::Array(items).to_string())).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     let jobs = r.body.as_array().unwrap();
@@ -307,7 +315,8 @@ async fn a_hundred_concurrent_unique_submissions_create_one_job() {
         let api = api.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "queue": "mail", "unique_key": "welcome-42"}"#)).await
+                call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "queue": "mail", "unique_key": "welcome-42"}"#))
+                    .await
             } else {
                 call_with(
                     &api,
@@ -348,8 +357,13 @@ async fn a_hundred_concurrent_unique_submissions_create_one_job() {
         .unwrap_err();
     assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
     // A batch colliding with a live key inserts nothing and says so.
-    let r = call(&api, "POST", "/jobs/batch", Some(r#"[{"payload": 1}, {"payload": 2, "queue": "mail", "unique_key": "welcome-42"}]"#))
-        .await;
+    let r = call(
+        &api,
+        "POST",
+        "/jobs/batch",
+        Some(r#"[{"payload": 1}, {"payload": 2, "queue": "mail", "unique_key": "welcome-42"}]"#),
+    )
+    .await;
     assert_error(&r, 409, "conflict");
     assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 3);
 }

@@ -2,7 +2,7 @@
 //! `{"error": "<code>", "message": "<human text>"}` with the matching status.
 
 use serde_json::json;
-use slog::{error, Logger};
+use slog::{error, warn, Logger};
 use tokio_postgres::error::SqlState;
 use warp::http::{header, HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -26,14 +26,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            job: None,
-            allow: None,
-            internal: None,
-        }
+        ApiError { status, code, message: message.into(), job: None, allow: None, internal: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -53,21 +46,13 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(allow: &'static str) -> Self {
-        let mut e = Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("allowed: {allow}"),
-        );
+        let mut e = Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("allowed: {allow}"));
         e.allow = Some(allow);
         e
     }
 
     pub fn payload_too_large(limit: u64) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body exceeds {limit} bytes"))
     }
 
     pub fn unsupported_media_type(got: &str) -> Self {
@@ -89,28 +74,26 @@ impl ApiError {
     }
 
     pub fn internal(cause: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        );
+        let mut e = Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log");
         e.internal = Some(cause.into());
         e
     }
 
     pub fn into_response(self, log: &Logger) -> Response {
         if let Some(cause) = &self.internal {
-            error!(log, "request failed"; "err" => cause);
+            if self.status == StatusCode::SERVICE_UNAVAILABLE {
+                warn!(log, "request failed: database unavailable"; "err" => cause);
+            } else {
+                error!(log, "request failed"; "err" => cause);
+            }
         }
         let mut body = json!({ "error": self.code, "message": self.message });
         if let Some(job) = &self.job {
             body["job"] = serde_json::to_value(job).unwrap_or_default();
         }
-        let mut resp =
-            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(allow) = self.allow {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         resp
     }
@@ -121,17 +104,16 @@ impl ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         if e.is_unavailable() {
-            return ApiError::unavailable(format!("database unavailable: {e}"));
+            // The detail (host, driver error) is for the log, not the client.
+            let mut err = ApiError::unavailable("database unavailable; try again");
+            err.internal = Some(e.to_string());
+            return err;
         }
-        let detail = e
-            .server_message()
-            .unwrap_or("rejected by the database")
-            .to_string();
+        let detail = e.server_message().unwrap_or("rejected by the database").to_string();
         match e.code() {
-            Some(c) if *c == SqlState::UNIQUE_VIOLATION => ApiError::conflict(
-                format!("a pending or processing job already has this unique_key ({detail})"),
-                None,
-            ),
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+                ApiError::conflict(format!("a pending or processing job already has this unique_key ({detail})"), None)
+            }
             Some(c) if *c == SqlState::CHECK_VIOLATION => {
                 let constraint = e.constraint().unwrap_or("a check constraint");
                 ApiError::bad_request(format!("value violates {constraint}: {detail}"))

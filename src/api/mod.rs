@@ -86,11 +86,7 @@ impl Request {
     fn param(&self, name: &str) -> Result<Option<String>, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
             .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
-        Ok(pairs
-            .into_iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v))
+        Ok(pairs.into_iter().rev().find(|(k, _)| k == name).map(|(_, v)| v))
     }
 }
 
@@ -110,13 +106,9 @@ where
         ["stats"] if m == Method::GET => stats(state).await,
         ["stats"] => Err(ApiError::method_not_allowed("GET")),
         ["jobs"] if m == Method::GET => list(state, req).await,
-        ["jobs"] if m == Method::POST => {
-            create(state, req, read_json_body(state, req, body).await?).await
-        }
+        ["jobs"] if m == Method::POST => create(state, req, read_json_body(state, req, body).await?).await,
         ["jobs"] => Err(ApiError::method_not_allowed("GET, POST")),
-        ["jobs", "batch"] if m == Method::POST => {
-            create_batch(state, read_json_body(state, req, body).await?).await
-        }
+        ["jobs", "batch"] if m == Method::POST => create_batch(state, read_json_body(state, req, body).await?).await,
         ["jobs", "batch"] => Err(ApiError::method_not_allowed("POST")),
         ["jobs", id] if m == Method::GET => get(state, req, parse_id(id)?).await,
         ["jobs", _] => Err(ApiError::method_not_allowed("GET")),
@@ -132,8 +124,7 @@ fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response {
 }
 
 fn parse_id(s: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(s)
-        .map_err(|_| ApiError::bad_request(format!("invalid job id {s:?}: expected a UUID")))
+    Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("invalid job id {s:?}: expected a UUID")))
 }
 
 /// Reads a JSON body: content type checked, size bounded (by Content-Length up front and by counting
@@ -146,29 +137,19 @@ where
     if let Some(ct) = req.headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let mime = ct.split(';').next().unwrap_or("").trim();
-        if mime != "application/json"
-            && !(mime.starts_with("application/") && mime.ends_with("+json"))
-        {
-            return Err(ApiError::unsupported_media_type(if mime.is_empty() {
-                "nothing"
-            } else {
-                mime
-            }));
+        if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
+            return Err(ApiError::unsupported_media_type(if mime.is_empty() { "nothing" } else { mime }));
         }
     }
     let limit = state.max_body_bytes;
-    let declared = req
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::payload_too_large(limit));
     }
     let mut body = std::pin::pin!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk
-            .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(ApiError::payload_too_large(limit));
         }
@@ -180,9 +161,7 @@ where
         }
     }
     if buf.is_empty() {
-        return Err(ApiError::malformed_json(
-            "request body is empty: expected a JSON object",
-        ));
+        return Err(ApiError::malformed_json("request body is empty: expected a JSON object"));
     }
     Ok(buf.freeze())
 }
@@ -202,8 +181,7 @@ fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))
 }
 
 /// One job as `POST /jobs` and `POST /jobs/batch` accept it.
@@ -225,24 +203,15 @@ impl JobSpec {
         let payload = match (self.payload, self.description) {
             (Some(p), _) => p,
             (None, Some(d)) => d,
-            (None, None) => {
-                return Err(FieldError::new(
-                    "payload",
-                    "is required (any JSON value except null)",
-                ))
-            }
+            (None, None) => return Err(FieldError::new("payload", "is required (any JSON value except null)")),
         };
         let run_at = match (self.run_at, self.delay) {
-            (Some(_), Some(_)) => {
-                return Err(FieldError::new("delay", "give run_at or delay, not both"))
-            }
+            (Some(_), Some(_)) => return Err(FieldError::new("delay", "give run_at or delay, not both")),
             (Some(at), None) => Some(at),
             (None, Some(d)) => {
-                let d = parse_duration(&d).ok_or_else(|| {
-                    FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m")
-                })?;
-                let d = chrono::Duration::from_std(d)
-                    .map_err(|_| FieldError::new("delay", "is too long"))?;
+                let d = parse_duration(&d)
+                    .ok_or_else(|| FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m"))?;
+                let d = chrono::Duration::from_std(d).map_err(|_| FieldError::new("delay", "is too long"))?;
                 Some(Utc::now() + d)
             }
             (None, None) => None,
@@ -272,14 +241,10 @@ async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response
     let spec: JobSpec = decode(parse_json(&body)?, "")?;
     let mut job = spec.into_new_job().map_err(ApiError::invalid_field)?;
     if let Some(key) = req.headers.get("idempotency-key") {
-        let key = key
-            .to_str()
-            .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
+        let key = key.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
         match &job.unique_key {
             Some(k) if k != key => {
-                return Err(ApiError::bad_request(
-                    "Idempotency-Key and unique_key differ; give one of them",
-                ))
+                return Err(ApiError::bad_request("Idempotency-Key and unique_key differ; give one of them"))
             }
             _ => job.unique_key = Some(key.to_string()),
         }
@@ -287,40 +252,25 @@ async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     let (job, is_new) = queries::job_insert(&*client, &job).await?;
-    Ok(if is_new {
-        created(&job)
-    } else {
-        reply(StatusCode::OK, &job)
-    })
+    Ok(if is_new { created(&job) } else { reply(StatusCode::OK, &job) })
 }
 
 async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiError> {
     let items = match parse_json(&body)? {
         Value::Array(items) => items,
-        Value::Object(mut o) if o.get("jobs").is_some_and(Value::is_array) => {
-            match o.remove("jobs") {
-                Some(Value::Array(items)) => items,
-                _ => unreachable!("checked to be an array"),
-            }
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "expected a JSON array of jobs (or {\"jobs\": [...]})",
-            ))
-        }
+        Value::Object(mut o) if o.get("jobs").is_some_and(Value::is_array) => match o.remove("jobs") {
+            Some(Value::Array(items)) => items,
+            _ => unreachable!("checked to be an array"),
+        },
+        _ => return Err(ApiError::bad_request("expected a JSON array of jobs (or {\"jobs\": [...]})")),
     };
     if items.is_empty() || items.len() > MAX_BATCH {
-        return Err(ApiError::bad_request(format!(
-            "a batch holds 1 to {MAX_BATCH} jobs, got {}",
-            items.len()
-        )));
+        return Err(ApiError::bad_request(format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", items.len())));
     }
     let mut jobs = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let spec: JobSpec = decode(item, &format!("[{i}]"))?;
-        let job = spec
-            .into_new_job()
-            .map_err(|e| ApiError::bad_request(format!("[{i}].{e}")))?;
+        let job = spec.into_new_job().map_err(|e| ApiError::bad_request(format!("[{i}].{e}")))?;
         jobs.push(job);
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
@@ -360,29 +310,23 @@ async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiE
 
 async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    queries::job_get(&*client, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+    queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
 }
 
 async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
     let limit = match req.param("limit")? {
         None => 10,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=MAX_LIMIT).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"
-                ))
-            })?,
+        Some(l) => l.parse::<i64>().ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or_else(|| {
+            ApiError::bad_request(format!("limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"))
+        })?,
     };
     let offset = match req.param("offset")? {
         None => 0,
-        Some(o) => o.parse::<i64>().ok().filter(|o| *o >= 0).ok_or_else(|| {
-            ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more"))
-        })?,
+        Some(o) => o
+            .parse::<i64>()
+            .ok()
+            .filter(|o| *o >= 0)
+            .ok_or_else(|| ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more")))?,
     };
     let status = match req.param("status")? {
         None => None,
@@ -396,24 +340,15 @@ async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
     let before = match req.param("before")? {
         None => None,
         Some(b) => {
-            let id = Uuid::parse_str(&b).map_err(|_| {
-                ApiError::bad_request(format!("before={b:?}: expected the id of a job"))
-            })?;
-            let job = queries::job_get(&*client, id).await?.ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "before={b}: no such job (it may have been deleted)"
-                ))
-            })?;
+            let id = Uuid::parse_str(&b)
+                .map_err(|_| ApiError::bad_request(format!("before={b:?}: expected the id of a job")))?;
+            let job = queries::job_get(&*client, id)
+                .await?
+                .ok_or_else(|| ApiError::bad_request(format!("before={b}: no such job (it may have been deleted)")))?;
             Some((job.created_at, job.id))
         }
     };
-    let filter = queries::ListFilter {
-        status,
-        queue: req.param("queue")?,
-        before,
-        limit,
-        offset,
-    };
+    let filter = queries::ListFilter { status, queue: req.param("queue")?, before, limit, offset };
     let jobs = queries::job_list(&*client, &filter).await?;
     Ok(reply(StatusCode::OK, &jobs))
 }
@@ -423,10 +358,9 @@ async fn cancel(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
     match queries::job_cancel(&mut client, id).await? {
         queries::Cancel::Cancelled(job) => Ok(reply(StatusCode::OK, &job)),
         queries::Cancel::Requested(job) => Ok(reply(StatusCode::ACCEPTED, &job)),
-        queries::Cancel::Finished(job) => Err(ApiError::conflict(
-            format!("job is already {}; nothing to cancel", job.status),
-            Some(job),
-        )),
+        queries::Cancel::Finished(job) => {
+            Err(ApiError::conflict(format!("job is already {}; nothing to cancel", job.status), Some(job)))
+        }
         queries::Cancel::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
     }
 }
@@ -436,10 +370,7 @@ async fn retry(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
     match queries::job_retry(&mut client, id).await? {
         queries::Retry::Retried(job) => Ok(reply(StatusCode::OK, &job)),
         queries::Retry::Refused(job) => Err(ApiError::conflict(
-            format!(
-                "job is {}; only failed or cancelled jobs can be retried",
-                job.status
-            ),
+            format!("job is {}; only failed or cancelled jobs can be retried", job.status),
             Some(job),
         )),
         queries::Retry::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
@@ -459,7 +390,7 @@ async fn ready(state: &ApiState) -> Result<Response, ApiError> {
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {
         Ok(Ok(())) => Ok(reply(StatusCode::OK, &json!({"status": "ready"}))),
-        Ok(Err(e)) => Err(ApiError::unavailable(format!("database unreachable: {e}"))),
+        Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::unavailable("database did not answer within 3s")),
     }
 }

@@ -27,20 +27,13 @@ pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> 
     client.batch_execute(queries::MIGRATION_LOCK).await?;
     let mut runner = migrations::runner();
     runner.set_migration_table_name(MIGRATIONS_TABLE);
-    let result = runner
-        .set_abort_divergent(true)
-        .set_abort_missing(true)
-        .run_async(client)
-        .await;
+    let result = runner.set_abort_divergent(true).set_abort_missing(true).run_async(client).await;
     // Unlock even when the run failed; if the connection itself broke the server has released the lock.
     let unlocked = client.batch_execute(queries::MIGRATION_UNLOCK).await;
     let report = result.map_err(|e| DbError::Migration(e.to_string()))?;
     unlocked?;
-    let versions: Vec<String> = report
-        .applied_migrations()
-        .iter()
-        .map(|m| format!("V{}__{}", m.version(), m.name()))
-        .collect();
+    let versions: Vec<String> =
+        report.applied_migrations().iter().map(|m| format!("V{}__{}", m.version(), m.name())).collect();
     for v in &versions {
         slog::info!(log, "applied migration"; "migration" => v);
     }

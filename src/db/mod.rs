@@ -28,15 +28,16 @@ pub enum DbError {
     Migration(String),
     #[error("invalid database URL: {0}")]
     Url(String),
+    /// A statement lost a race repeatedly; trying again later will succeed.
+    #[error("{0}")]
+    Contended(String),
 }
 
 impl From<bb8::RunError<tokio_postgres::Error>> for DbError {
     fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
         match e {
             bb8::RunError::User(e) => DbError::Postgres(e),
-            bb8::RunError::TimedOut => {
-                DbError::Pool("timed out waiting for a pooled connection".into())
-            }
+            bb8::RunError::TimedOut => DbError::Pool("timed out waiting for a pooled connection".into()),
         }
     }
 }
@@ -70,7 +71,7 @@ impl DbError {
     /// statement the server refused.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            DbError::Pool(_) => true,
+            DbError::Pool(_) | DbError::Contended(_) => true,
             DbError::Postgres(e) => {
                 e.is_closed()
                     || e.as_db_error().is_none()
@@ -91,10 +92,7 @@ impl DbError {
 pub async fn pool(url: &str, size: u32) -> Result<Pool, DbError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))?;
     let manager = PostgresConnectionManager::new(cfg, NoTls);
-    let pool = bb8::Pool::builder()
-        .max_size(size)
-        .connection_timeout(Duration::from_secs(5))
-        .build_unchecked(manager);
+    let pool = bb8::Pool::builder().max_size(size).connection_timeout(Duration::from_secs(5)).build_unchecked(manager);
     Ok(pool)
 }
 
@@ -148,10 +146,7 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(url: &str, log: &Logger) -> Result<Conn, DbError> {
-        Ok(Conn {
-            client: connect(url, log).await?,
-            statements: HashMap::new(),
-        })
+        Ok(Conn { client: connect(url, log).await?, statements: HashMap::new() })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -163,10 +158,7 @@ impl Conn {
         &self.client
     }
 
-    pub(crate) async fn prepared(
-        &mut self,
-        sql: &'static str,
-    ) -> Result<(&Client, Statement), DbError> {
+    pub(crate) async fn prepared(&mut self, sql: &'static str) -> Result<(&Client, Statement), DbError> {
         if !self.statements.contains_key(sql) {
             let stmt = self.client.prepare(sql).await?;
             self.statements.insert(sql, stmt);
@@ -184,11 +176,7 @@ pub struct ConnSlot {
 
 impl ConnSlot {
     pub fn new(url: &str, log: &Logger) -> ConnSlot {
-        ConnSlot {
-            url: url.to_string(),
-            log: log.clone(),
-            conn: None,
-        }
+        ConnSlot { url: url.to_string(), log: log.clone(), conn: None }
     }
 
     /// The live connection, opening a new one if there is none or the last one broke.

@@ -26,8 +26,34 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 pub fn database_create(name: &str) -> String {
-    format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))
+    format!("CREATE DATABASE {}", quote_ident(name))
+}
+
+pub fn database_drop(name: &str) -> String {
+    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name))
+}
+
+/// Inserts `n` jobs with payload `{"n": i}` into `queue` in one statement (the benchmark's backlog).
+pub async fn job_insert_series(client: &impl GenericClient, queue: &str, n: i64) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "INSERT INTO jobs (queue, payload) SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2) AS i",
+            &[&queue, &n],
+        )
+        .await?)
+}
+
+/// Jobs not yet finished (pending or processing), in any queue.
+pub async fn job_count_unfinished(client: &impl GenericClient) -> Result<i64, DbError> {
+    Ok(client
+        .query_one("SELECT count(*) FROM jobs WHERE status IN ('pending', 'processing')", &[])
+        .await?
+        .try_get(0)?)
 }
 
 pub fn job_from_row(row: &Row) -> Result<Job, DbError> {
@@ -87,23 +113,14 @@ pub async fn job_insert(client: &impl GenericClient, job: &NewJob) -> Result<(Jo
         let rows = client
             .query(
                 JOB_INSERT,
-                &[
-                    &job.queue,
-                    &job.payload,
-                    &job.priority,
-                    &job.run_at,
-                    &job.max_attempts,
-                    &job.unique_key,
-                ],
+                &[&job.queue, &job.payload, &job.priority, &job.run_at, &job.max_attempts, &job.unique_key],
             )
             .await?;
         if let Some(row) = rows.first() {
             return Ok((job_from_row(row)?, row.try_get("created")?));
         }
     }
-    Err(DbError::Pool(
-        "unique job insert kept racing with concurrent updates".into(),
-    ))
+    Err(DbError::Pool("unique job insert kept racing with concurrent updates".into()))
 }
 
 /// Inserts many jobs in one statement: all or nothing, one notification per queue.
@@ -115,36 +132,20 @@ FROM unnest($1::text[], $2::jsonb[], $3::int4[], $4::timestamptz[], $5::int4[], 
 ORDER BY n
 RETURNING *";
 
-pub async fn job_insert_batch(
-    client: &impl GenericClient,
-    jobs: &[NewJob],
-) -> Result<Vec<Job>, DbError> {
+pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
     let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
     let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
     let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
-    let rows = client
-        .query(
-            JOB_INSERT_BATCH,
-            &[
-                &queues,
-                &payloads,
-                &priorities,
-                &run_ats,
-                &max_attempts,
-                &keys,
-            ],
-        )
-        .await?;
+    let rows =
+        client.query(JOB_INSERT_BATCH, &[&queues, &payloads, &priorities, &run_ats, &max_attempts, &keys]).await?;
     jobs_from_rows(&rows)
 }
 
 pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
-    let row = client
-        .query_opt("SELECT * FROM jobs WHERE id = $1", &[&id])
-        .await?;
+    let row = client.query_opt("SELECT * FROM jobs WHERE id = $1", &[&id]).await?;
     row.as_ref().map(job_from_row).transpose()
 }
 
@@ -175,14 +176,7 @@ pub async fn job_list(client: &impl GenericClient, f: &ListFilter) -> Result<Vec
         Some((at, id)) => (Some(at), Some(id)),
         None => (None, None),
     };
-    let rows = client
-        .query(
-            JOB_LIST,
-            &[
-                &status, &f.queue, &before_at, &before_id, &f.limit, &f.offset,
-            ],
-        )
-        .await?;
+    let rows = client.query(JOB_LIST, &[&status, &f.queue, &before_at, &before_id, &f.limit, &f.offset]).await?;
     jobs_from_rows(&rows)
 }
 
@@ -200,10 +194,7 @@ pub enum Cancel {
 
 pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id])
-        .await?
-    else {
+    let Some(row) = tx.query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id]).await? else {
         return Ok(Cancel::NotFound);
     };
     let job = job_from_row(&row)?;
@@ -226,11 +217,7 @@ pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError
                 )
                 .await?;
             // Delivered at commit to every instance's dispatcher; the holder cancels the handler.
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL_CANCEL, &id.to_string()],
-            )
-            .await?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_CANCEL, &id.to_string()]).await?;
             Cancel::Requested(job_from_row(&row)?)
         }
         _ => Cancel::Finished(job),
@@ -264,8 +251,7 @@ pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> 
     let outcome = match row {
         Some(row) => {
             let job = job_from_row(&row)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_JOBS, &job.queue])
-                .await?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_JOBS, &job.queue]).await?;
             Retry::Retried(job)
         }
         None => match job_get(&tx, id).await? {
@@ -279,19 +265,11 @@ pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> 
 
 /// Which of `ids` are finished. Used by the waiters of `GET /jobs/{id}?wait=`: one query for all of
 /// them, however many there are.
-pub async fn job_finished_among(
-    client: &impl GenericClient,
-    ids: &[Uuid],
-) -> Result<Vec<Uuid>, DbError> {
+pub async fn job_finished_among(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
     let rows = client
-        .query(
-            "SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('done', 'failed', 'cancelled')",
-            &[&ids],
-        )
+        .query("SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('done', 'failed', 'cancelled')", &[&ids])
         .await?;
-    rows.iter()
-        .map(|r| r.try_get(0).map_err(DbError::from))
-        .collect()
+    rows.iter().map(|r| r.try_get(0).map_err(DbError::from)).collect()
 }
 
 /// Per-queue numbers of `GET /stats` and the `jobqueue_stats` view.
@@ -309,9 +287,7 @@ pub struct QueueStats {
 }
 
 pub async fn stats(client: &impl GenericClient) -> Result<Vec<QueueStats>, DbError> {
-    let rows = client
-        .query("SELECT * FROM jobqueue_stats ORDER BY queue", &[])
-        .await?;
+    let rows = client.query("SELECT * FROM jobqueue_stats ORDER BY queue", &[]).await?;
     rows.iter()
         .map(|r| {
             Ok(QueueStats {
@@ -385,18 +361,7 @@ pub async fn job_claim(
     default_max_attempts: i32,
 ) -> Result<Claimed, DbError> {
     let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &queue,
-                &limit,
-                &instance,
-                &secs(lease),
-                &default_max_attempts,
-            ],
-        )
-        .await?;
+    let rows = client.query(&stmt, &[&queue, &limit, &instance, &secs(lease), &default_max_attempts]).await?;
     let mut jobs = Vec::with_capacity(rows.len());
     let mut next_due_in = None;
     for row in &rows {
@@ -413,6 +378,8 @@ pub async fn job_claim(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
     pub id: Uuid,
+    /// The attempt this outcome belongs to (the fence).
+    pub attempt: i32,
     /// pending (retry, snooze, release), done, failed or cancelled.
     pub status: JobStatus,
     pub result: Option<Value>,
@@ -429,7 +396,19 @@ pub struct Finish {
 /// Fenced: a row is written only while this instance still holds it (`locked_by`, `processing`). A
 /// job whose lease was lost to the rescuer is left alone, so a late result never overwrites another
 /// attempt's.
+///
+/// The fence includes the attempt number, so an outcome from an earlier attempt of the same job (lease
+/// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
+/// ran ends cancelled rather than going back to pending for a retry, snooze or release.
 const JOB_FINISH_BATCH: &str = "
+WITH r AS (
+    SELECT i.id, i.result, i.error, i.delay, i.uncount,
+           CASE WHEN i.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                ELSE i.status END AS status
+    FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
+         AS i(id, status, result, error, delay, uncount, attempt)
+    JOIN jobs j ON j.id = i.id AND j.attempts = i.attempt
+)
 UPDATE jobs j
 SET status = r.status,
     result = r.result,
@@ -444,36 +423,23 @@ SET status = r.status,
     locked_until = NULL,
     cancel_requested_at = CASE WHEN r.status = 'pending' THEN NULL ELSE j.cancel_requested_at END,
     finished_at = CASE WHEN r.status IN ('done', 'failed', 'cancelled') THEN now() END
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[])
-     AS r(id, status, result, error, delay, uncount)
+FROM r
 WHERE j.id = r.id AND j.locked_by = $7 AND j.status = 'processing'
-RETURNING j.id, j.run_at";
+RETURNING j.id";
 
-/// Returns the ids that were written (the others had lost their lease) and, among them, the earliest
-/// `run_at` of jobs that went back to pending.
-pub async fn job_finish_batch(
-    conn: &mut Conn,
-    instance: &str,
-    batch: &[Finish],
-) -> Result<Vec<Uuid>, DbError> {
+/// Returns the ids that were written; the others had lost their lease.
+pub async fn job_finish_batch(conn: &mut Conn, instance: &str, batch: &[Finish]) -> Result<Vec<Uuid>, DbError> {
     let ids: Vec<Uuid> = batch.iter().map(|f| f.id).collect();
     let statuses: Vec<&str> = batch.iter().map(|f| f.status.as_str()).collect();
     let results: Vec<Option<&Value>> = batch.iter().map(|f| f.result.as_ref()).collect();
     let errors: Vec<Option<&str>> = batch.iter().map(|f| f.error.as_deref()).collect();
     let delays: Vec<f64> = batch.iter().map(|f| secs(f.delay)).collect();
     let uncount: Vec<bool> = batch.iter().map(|f| f.uncount).collect();
+    let attempts: Vec<i32> = batch.iter().map(|f| f.attempt).collect();
     let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &ids, &statuses, &results, &errors, &delays, &uncount, &instance,
-            ],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| r.try_get(0).map_err(DbError::from))
-        .collect()
+    let rows =
+        client.query(&stmt, &[&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts]).await?;
+    rows.iter().map(|r| r.try_get(0).map_err(DbError::from)).collect()
 }
 
 /// Extends the lease of every job this instance runs, in one statement. Returns the jobs still held
@@ -490,23 +456,14 @@ pub async fn job_heartbeat(
     lease: Duration,
 ) -> Result<Vec<(Uuid, bool)>, DbError> {
     let (client, stmt) = conn.prepared(JOB_HEARTBEAT).await?;
-    let rows = client
-        .query(&stmt, &[&ids, &instance, &secs(lease)])
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
+    let rows = client.query(&stmt, &[&ids, &instance, &secs(lease)]).await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// Wakes the workers of `queues` on every instance.
 pub async fn queue_notify(client: &impl GenericClient, queues: &[String]) -> Result<(), DbError> {
     if !queues.is_empty() {
-        client
-            .execute(
-                "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q",
-                &[&CHANNEL_JOBS, &queues],
-            )
-            .await?;
+        client.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", &[&CHANNEL_JOBS, &queues]).await?;
     }
     Ok(())
 }
@@ -558,9 +515,7 @@ pub async fn job_rescue_expired(
     limit: i64,
     default_max_attempts: i32,
 ) -> Result<Vec<Rescued>, DbError> {
-    let rows = client
-        .query(JOB_RESCUE_EXPIRED, &[&limit, &default_max_attempts])
-        .await?;
+    let rows = client.query(JOB_RESCUE_EXPIRED, &[&limit, &default_max_attempts]).await?;
     rows.iter()
         .map(|r| {
             let status: String = r.try_get(2)?;
@@ -597,7 +552,5 @@ pub async fn job_delete_expired(
     limit: i64,
 ) -> Result<u64, DbError> {
     let (d, f, c) = (done.map(secs), failed.map(secs), cancelled.map(secs));
-    Ok(client
-        .execute(JOB_DELETE_EXPIRED, &[&d, &f, &c, &limit])
-        .await?)
+    Ok(client.execute(JOB_DELETE_EXPIRED, &[&d, &f, &c, &limit]).await?)
 }

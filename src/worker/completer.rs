@@ -44,10 +44,7 @@ impl Completer {
                     Err(_) => break,
                 }
             }
-            released += batch
-                .iter()
-                .filter(|f| f.outcome == Outcome::Released)
-                .count();
+            released += batch.iter().filter(|f| f.outcome == Outcome::Released).count();
             self.write(&mut conn, batch, &log).await;
         }
         if released > 0 {
@@ -72,10 +69,8 @@ impl Completer {
             if finishes.is_empty() {
                 break BTreeSet::new();
             }
-            let attempt = async {
-                queries::job_finish_batch(conn.get().await?, &self.shared.instance_id, &finishes)
-                    .await
-            };
+            let attempt =
+                async { queries::job_finish_batch(conn.get().await?, &self.shared.instance_id, &finishes).await };
             match attempt.await {
                 Ok(ids) => break ids.into_iter().collect(),
                 Err(e) => {
@@ -104,11 +99,7 @@ impl Completer {
                       "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts, "duration_ms" => ms);
                 continue;
             }
-            let status = if f.outcome == Outcome::Released {
-                "released"
-            } else {
-                w.status.as_str()
-            };
+            let status = if f.outcome == Outcome::Released { "released" } else { w.status.as_str() };
             info!(log, "job finished";
                   "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts,
                   "status" => status, "duration_ms" => ms, "err" => w.error.as_deref().unwrap_or(""));

@@ -55,20 +55,17 @@ pub(crate) async fn execute(
         // Creating the future may itself panic; so may polling it.
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| queue.handler.handle(ctx)));
         match run {
-            Err(panic) => Outcome::Error {
-                message: panic_message(panic),
-                after: None,
-            },
+            Err(panic) => Outcome::Error { message: panic_message(panic), after: None },
             Ok(fut) => {
-                let guarded =
-                    tokio::time::timeout(shared.job_timeout, AssertUnwindSafe(fut).catch_unwind());
+                let guarded = tokio::time::timeout(shared.job_timeout, AssertUnwindSafe(fut).catch_unwind());
+                // A requested cancellation wins over the shutdown's release.
                 tokio::select! {
                     biased;
-                    _ = shared.hard_stop.cancelled() => Outcome::Released,
                     _ = entry.token.cancelled() => match entry.reason.get() {
                         Some(StopReason::LeaseLost) => Outcome::LeaseLost,
                         _ => Outcome::Cancelled,
                     },
+                    _ = shared.hard_stop.cancelled() => Outcome::Released,
                     r = guarded => match r {
                         Err(_) => Outcome::Error {
                             message: format!("handler timed out after {}", humantime::format_duration(shared.job_timeout)),
@@ -88,11 +85,7 @@ pub(crate) async fn execute(
     // job while the completer batches this one.
     drop(_permit);
     // The completer only goes away after every sender has; a failed send means the process is exiting.
-    let _ = done.send(Finished {
-        job,
-        outcome,
-        started,
-    });
+    let _ = done.send(Finished { job, outcome, started });
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
@@ -109,6 +102,7 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> Option<Finish> {
     let base = Finish {
         id: job.id,
+        attempt: job.attempts,
         status: JobStatus::Pending,
         result: None,
         error: None,
@@ -117,34 +111,18 @@ pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> 
     };
     let max_attempts = job.max_attempts.unwrap_or(policy.max_attempts);
     Some(match outcome {
-        Outcome::Done(v) => Finish {
-            status: JobStatus::Done,
-            result: Some(v.clone()),
-            ..base
-        },
+        Outcome::Done(v) => Finish { status: JobStatus::Done, result: Some(v.clone()), ..base },
         Outcome::Error { message, after } if job.attempts < max_attempts => Finish {
             error: Some(message.clone()),
             delay: after.unwrap_or_else(|| policy.backoff_after(job.attempts)),
             ..base
         },
-        Outcome::Error { message, .. } | Outcome::Fail(message) => Finish {
-            status: JobStatus::Failed,
-            error: Some(message.clone()),
-            ..base
-        },
-        Outcome::Snooze(after) => Finish {
-            delay: *after,
-            uncount: true,
-            ..base
-        },
-        Outcome::Cancelled => Finish {
-            status: JobStatus::Cancelled,
-            ..base
-        },
-        Outcome::Released => Finish {
-            uncount: true,
-            ..base
-        },
+        Outcome::Error { message, .. } | Outcome::Fail(message) => {
+            Finish { status: JobStatus::Failed, error: Some(message.clone()), ..base }
+        }
+        Outcome::Snooze(after) => Finish { delay: *after, uncount: true, ..base },
+        Outcome::Cancelled => Finish { status: JobStatus::Cancelled, ..base },
+        Outcome::Released => Finish { uncount: true, ..base },
         Outcome::LeaseLost => return None,
     })
 }
@@ -182,19 +160,10 @@ mod tests {
 
     #[test]
     fn errors_retry_until_attempts_run_out() {
-        let p = RetryPolicy {
-            jitter: 0.0,
-            ..RetryPolicy::default()
-        };
-        let err = Outcome::Error {
-            message: "boom".into(),
-            after: None,
-        };
+        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
+        let err = Outcome::Error { message: "boom".into(), after: None };
         let f = finish_for(&job(2, Some(3)), &err, &p).unwrap();
-        assert_eq!(
-            (f.status, f.delay, f.error.as_deref()),
-            (JobStatus::Pending, Duration::from_secs(2), Some("boom"))
-        );
+        assert_eq!((f.status, f.delay, f.error.as_deref()), (JobStatus::Pending, Duration::from_secs(2), Some("boom")));
         let f = finish_for(&job(3, Some(3)), &err, &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
         // Without a per-job value the queue's default applies.
@@ -205,16 +174,8 @@ mod tests {
     #[test]
     fn snooze_and_release_do_not_count() {
         let p = RetryPolicy::default();
-        let f = finish_for(
-            &job(1, Some(1)),
-            &Outcome::Snooze(Duration::from_secs(5)),
-            &p,
-        )
-        .unwrap();
-        assert_eq!(
-            (f.status, f.uncount, f.delay),
-            (JobStatus::Pending, true, Duration::from_secs(5))
-        );
+        let f = finish_for(&job(1, Some(1)), &Outcome::Snooze(Duration::from_secs(5)), &p).unwrap();
+        assert_eq!((f.status, f.uncount, f.delay), (JobStatus::Pending, true, Duration::from_secs(5)));
         let f = finish_for(&job(1, Some(1)), &Outcome::Released, &p).unwrap();
         assert_eq!((f.status, f.uncount), (JobStatus::Pending, true));
         assert!(finish_for(&job(1, None), &Outcome::LeaseLost, &p).is_none());

@@ -73,10 +73,7 @@ impl JobContext {
 pub enum HandlerError {
     /// Try again after the queue's backoff (or `after`, if given) while attempts remain, else fail.
     #[error("{message}")]
-    Retry {
-        message: String,
-        after: Option<Duration>,
-    },
+    Retry { message: String, after: Option<Duration> },
     /// Fail now; no further attempts.
     #[error("{message}")]
     Fail { message: String },
@@ -87,23 +84,15 @@ pub enum HandlerError {
 
 impl HandlerError {
     pub fn retry(message: impl std::fmt::Display) -> Self {
-        HandlerError::Retry {
-            message: message.to_string(),
-            after: None,
-        }
+        HandlerError::Retry { message: message.to_string(), after: None }
     }
 
     pub fn retry_after(message: impl std::fmt::Display, after: Duration) -> Self {
-        HandlerError::Retry {
-            message: message.to_string(),
-            after: Some(after),
-        }
+        HandlerError::Retry { message: message.to_string(), after: Some(after) }
     }
 
     pub fn fail(message: impl std::fmt::Display) -> Self {
-        HandlerError::Fail {
-            message: message.to_string(),
-        }
+        HandlerError::Fail { message: message.to_string() }
     }
 
     pub fn snooze(after: Duration) -> Self {

@@ -27,9 +27,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if ids.is_empty() {
             continue;
         }
-        let beat = async {
-            queries::job_heartbeat(conn.get().await?, &ids, &shared.instance_id, shared.lease).await
-        };
+        let beat = async { queries::job_heartbeat(conn.get().await?, &ids, &shared.instance_id, shared.lease).await };
         match beat.await {
             Ok(held) => {
                 let held_ids: HashSet<Uuid> = held.iter().map(|(id, _)| *id).collect();

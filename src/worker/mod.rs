@@ -94,20 +94,12 @@ impl Engine {
                 })
             })
             .collect();
-        Engine {
-            shared,
-            queues,
-            waiters,
-            shutdown_timeout: settings.shutdown_timeout,
-        }
+        Engine { shared, queues, waiters, shutdown_timeout: settings.shutdown_timeout }
     }
 
     /// The wake-up handle of each served queue, for the dispatcher and maintenance.
     pub fn wakes(&self) -> HashMap<String, Arc<Notify>> {
-        self.queues
-            .iter()
-            .map(|q| (q.config.name.clone(), q.wake.clone()))
-            .collect()
+        self.queues.iter().map(|q| (q.config.name.clone(), q.wake.clone())).collect()
     }
 
     /// Runs until `shutdown`, then drains as described in the module docs.
@@ -117,11 +109,7 @@ impl Engine {
         let give_up = CancellationToken::new();
         let completer = completer::Completer {
             shared: self.shared.clone(),
-            policies: self
-                .queues
-                .iter()
-                .map(|q| (q.config.name.clone(), q.config.retry.clone()))
-                .collect(),
+            policies: self.queues.iter().map(|q| (q.config.name.clone(), q.config.retry.clone())).collect(),
             wakes: self.wakes(),
             waiters: self.waiters.clone(),
             give_up: give_up.clone(),
@@ -132,14 +120,7 @@ impl Engine {
         let producers: Vec<_> = self
             .queues
             .iter()
-            .map(|q| {
-                tokio::spawn(producer::run(
-                    q.clone(),
-                    self.shared.clone(),
-                    tx.clone(),
-                    shutdown.clone(),
-                ))
-            })
+            .map(|q| tokio::spawn(producer::run(q.clone(), self.shared.clone(), tx.clone(), shutdown.clone())))
             .collect();
         drop(tx);
         for q in &self.queues {
@@ -160,25 +141,16 @@ impl Engine {
                 let _ = q.slots.acquire_many(q.config.concurrency as u32).await;
             }
         };
-        if tokio::time::timeout(self.shutdown_timeout, all_idle)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.shutdown_timeout, all_idle).await.is_err() {
             warn!(log, "shutdown timeout reached; interrupting running jobs"; "count" => self.shared.running.len());
             self.shared.hard_stop.cancel();
         }
         // Executors now finish promptly; the completer drains and stops once the last one has.
         let mut completer = completer;
-        if tokio::time::timeout(Duration::from_secs(10), &mut completer)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {
             // A handler that blocks its thread ignores cancellation; stop waiting for it.
             give_up.cancel();
-            if tokio::time::timeout(Duration::from_secs(2), &mut completer)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(2), &mut completer).await.is_err() {
                 completer.abort();
             }
         }

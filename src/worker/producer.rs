@@ -28,9 +28,7 @@ pub(crate) async fn run(
     done: mpsc::UnboundedSender<Finished>,
     shutdown: CancellationToken,
 ) {
-    let log = shared
-        .log
-        .new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
+    let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
     let mut conn = ConnSlot::new(&shared.url, &log);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -78,20 +76,10 @@ pub(crate) async fn run(
             let permit = match first.take() {
                 Some(p) => p,
                 // Only this task takes permits, and `want` did not exceed what was free.
-                None => queue
-                    .slots
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("claimed no more jobs than free slots"),
+                None => queue.slots.clone().try_acquire_owned().expect("claimed no more jobs than free slots"),
             };
             debug!(log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
-            tokio::spawn(execute(
-                job,
-                permit,
-                queue.clone(),
-                shared.clone(),
-                done.clone(),
-            ));
+            tokio::spawn(execute(job, permit, queue.clone(), shared.clone(), done.clone()));
         }
         drop(first);
         if n == want {
@@ -99,9 +87,7 @@ pub(crate) async fn run(
             continue;
         }
 
-        let due = claimed
-            .next_due_in
-            .map(|d| Instant::now() + d + TIMER_MARGIN);
+        let due = claimed.next_due_in.map(|d| Instant::now() + d + TIMER_MARGIN);
         let poll = shared.poll_interval.mul_f64(0.9 + fastrand::f64() * 0.2);
         tokio::select! {
             _ = queue.wake.notified() => {}

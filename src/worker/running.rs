@@ -29,14 +29,8 @@ pub struct Running {
 
 impl Running {
     pub(crate) fn insert(&self, id: Uuid) -> Entry {
-        let entry = Entry {
-            token: CancellationToken::new(),
-            reason: Arc::new(OnceLock::new()),
-        };
-        self.jobs
-            .lock()
-            .expect("running map poisoned")
-            .insert(id, entry.clone());
+        let entry = Entry { token: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
+        self.jobs.lock().expect("running map poisoned").insert(id, entry.clone());
         entry
     }
 
@@ -48,12 +42,7 @@ impl Running {
     }
 
     pub fn ids(&self) -> Vec<Uuid> {
-        self.jobs
-            .lock()
-            .expect("running map poisoned")
-            .keys()
-            .copied()
-            .collect()
+        self.jobs.lock().expect("running map poisoned").keys().copied().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -66,12 +55,7 @@ impl Running {
 
     /// Signals the handler of `id`, if this instance runs it. The first reason given sticks.
     pub fn stop(&self, id: Uuid, reason: StopReason) -> bool {
-        let entry = self
-            .jobs
-            .lock()
-            .expect("running map poisoned")
-            .get(&id)
-            .cloned();
+        let entry = self.jobs.lock().expect("running map poisoned").get(&id).cloned();
         match entry {
             Some(e) => {
                 let _ = e.reason.set(reason);

@@ -74,6 +74,18 @@ async fn template() -> String {
                 // Let the migration connection go before the database is renamed and copied.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
+                // Templates of older migrations are of no further use.
+                let old = admin
+                    .query(
+                        "SELECT datname FROM pg_database WHERE datname LIKE 'jq\\_template\\_%' AND datname <> $1",
+                        &[&name],
+                    )
+                    .await
+                    .unwrap();
+                for row in old {
+                    let old: String = row.get(0);
+                    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)")).await;
+                }
             }
             admin.execute("SELECT pg_advisory_unlock(424242)", &[]).await.unwrap();
             name
@@ -220,10 +232,8 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Op
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response has a head");
     let mut lines = head.lines();
     let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     HttpResponse { status, headers, body: body.to_string() }
 }
 
@@ -235,19 +245,29 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Op
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    /// Where the process's stderr (its log) goes; a file, so a chatty process never blocks on a pipe.
+    pub log: std::path::PathBuf,
+}
+
+fn log_file(name: &str) -> (std::path::PathBuf, Stdio) {
+    let path = std::env::temp_dir().join(format!("jq-{name}-{}.log", uuid::Uuid::new_v4().simple()));
+    let file = std::fs::File::create(&path).expect("create log file");
+    (path, Stdio::from(file))
 }
 
 impl Proc {
     /// The real `jobqueue` binary with `args` and `env`.
     pub fn jobqueue(name: &str, args: &[&str], env: &[(String, String)]) -> Proc {
+        let (log, stderr) = log_file(name);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jobqueue"));
-        cmd.args(args).envs(env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        Proc { child: cmd.spawn().expect("spawn jobqueue"), name: name.to_string() }
+        cmd.args(args).envs(env.iter().cloned()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        Proc { child: cmd.spawn().expect("spawn jobqueue"), name: name.to_string(), log }
     }
 
     /// This test binary re-run as a service instance whose handler records executions (see
     /// [`child_main`]); `test_fn` is the name of the `#[ignore]` test in the calling file that calls it.
     pub fn instance(name: &str, env: &[(String, String)]) -> Proc {
+        let (log, stderr) = log_file(name);
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["child_instance", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
             .envs(env.iter().cloned())
@@ -255,8 +275,8 @@ impl Proc {
             .env("INSTANCE_ID", name)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        Proc { child: cmd.spawn().expect("spawn child instance"), name: name.to_string() }
+            .stderr(stderr);
+        Proc { child: cmd.spawn().expect("spawn child instance"), name: name.to_string(), log }
     }
 
     pub fn pid(&self) -> i32 {
@@ -282,13 +302,8 @@ impl Proc {
         }
     }
 
-    pub fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut s);
-        }
-        s
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -297,6 +312,11 @@ impl Drop for Proc {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("log of {} kept at {}", self.name, self.log.display());
         }
     }
 }
@@ -361,7 +381,9 @@ pub fn child_main() {
                 }
             }
         };
-        let mut builder = Builder::new(config).handler("default", handler);
+        // The real logger, to stderr (the Proc's log file), so tests can read what the instance said.
+        let (log, _guard) = jobqueue::logging::init(jobqueue::config::LogFormat::Json, slog::Level::Info, false);
+        let mut builder = Builder::new(config).logger(log).handler("default", handler);
         for q in ["email", "reports", "flood", "slow"] {
             let h = handler_for_extra_queue();
             builder = builder.handler(q, h);

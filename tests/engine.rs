@@ -1,0 +1,402 @@
+//! The engine under real conditions: several processes on one database, kill -9, SIGTERM, a cut LISTEN
+//! connection, delayed jobs with polling effectively off, failing and panicking handlers.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{count, eventually, start_with, Proc, TestDb, EXECUTIONS_DDL};
+use jobqueue::{HandlerError, JobContext, QueueConfig, RetryPolicy};
+use serde_json::Value;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Run by `Proc::instance`: a service instance whose handler records executions.
+#[test]
+#[ignore = "runs only as a child process of the other tests"]
+fn child_instance() {
+    common::child_main();
+}
+
+async fn wait_listeners(c: &Client, n: i64) {
+    eventually(Duration::from_secs(60), &format!("{n} instance(s) listening"), || async {
+        let got = count(
+            c,
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'jobqueue-listener'",
+        )
+        .await;
+        (got == n).then_some(())
+    })
+    .await;
+}
+
+fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = env.to_vec();
+    for (k, v) in extra {
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_three_processes_each_done_exactly_once() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let env = with(&db.env(), &[("WORKERS", "8"), ("POLL_INTERVAL", "1s")]);
+    let _procs: Vec<Proc> = (0..3).map(|i| Proc::instance(&format!("inst-{i}"), &env)).collect();
+    wait_listeners(&c, 3).await;
+
+    // Ten statements of 1000, so work arrives while the instances are already busy.
+    for chunk in 0..10 {
+        c.execute(
+            "INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i) FROM generate_series($1::int, $1::int + 999) AS i",
+            &[&(chunk * 1000)],
+        )
+        .await
+        .unwrap();
+    }
+    eventually(Duration::from_secs(180), "all 10,000 jobs done", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 10_000).then_some(())
+    })
+    .await;
+
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0);
+    assert_eq!(count(&c, "SELECT count(*) FROM test_executions").await, 10_000, "no job ran twice");
+    assert_eq!(count(&c, "SELECT count(DISTINCT job_id) FROM test_executions").await, 10_000);
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE attempts <> 1").await, 0);
+    // The result names the instance that ran the job, and it is the one that recorded the execution.
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM jobs j JOIN test_executions e ON e.job_id = j.id WHERE j.result <> to_jsonb(e.instance)")
+            .await,
+        0
+    );
+    let per_instance = count(&c, "SELECT count(DISTINCT instance) FROM test_executions").await;
+    assert_eq!(per_instance, 3, "all three instances took work");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_job_loses_nothing_and_completes_nothing_twice() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let env = with(
+        &db.env(),
+        &[("WORKERS", "8"), ("JQ_SLEEP_MS", "100"), ("JOB_LEASE", "2s"), ("MAINTENANCE_INTERVAL", "300ms")],
+    );
+    let mut victim = Proc::instance("victim", &env);
+    let _others: Vec<Proc> = (0..2).map(|i| Proc::instance(&format!("survivor-{i}"), &env)).collect();
+    wait_listeners(&c, 3).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 600) AS i").await.unwrap();
+
+    eventually(Duration::from_secs(30), "the victim holds jobs", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE locked_by = 'victim' AND status = 'processing'").await >= 4)
+            .then_some(())
+    })
+    .await;
+    victim.signal("KILL");
+    assert_eq!(victim.wait(Duration::from_secs(10)).await, None, "killed by a signal");
+    // The dead process can change nothing now: what it holds is exactly what it was running.
+    let held: HashSet<Uuid> = c
+        .query("SELECT id FROM jobs WHERE locked_by = 'victim' AND status = 'processing'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!held.is_empty());
+
+    eventually(Duration::from_secs(120), "all 600 jobs done", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 600).then_some(())
+    })
+    .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0, "nothing lost");
+    // Survivors ran every job at most once.
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM (SELECT job_id FROM test_executions WHERE instance <> 'victim' GROUP BY job_id HAVING count(*) > 1) t").await,
+        0
+    );
+    // Only the jobs the victim held when it died ran twice, and each of those was finished by a survivor.
+    let twice: HashSet<Uuid> = c
+        .query("SELECT job_id FROM test_executions GROUP BY job_id HAVING count(*) > 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(twice.is_subset(&held), "{twice:?} not within {held:?}");
+    let held_ids: Vec<Uuid> = held.iter().copied().collect();
+    let rows = c.query("SELECT result, attempts, errors FROM jobs WHERE id = ANY($1)", &[&held_ids]).await.unwrap();
+    for r in rows {
+        let result: Value = r.get(0);
+        assert!(result.as_str().unwrap().starts_with("survivor-"), "{result}");
+        assert_eq!(r.get::<_, i32>(1), 2, "the lost attempt counts");
+        let errors: Value = r.get(2);
+        assert!(errors[0]["error"].as_str().unwrap().contains("worker lost"), "{errors}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_inserted_while_no_instance_runs_are_processed_on_start() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 1000) AS i").await.unwrap();
+    let _p = Proc::jobqueue("serve", &["serve"], &with(&db.env(), &[("POLL_INTERVAL", "60s")]));
+    eventually(Duration::from_secs(60), "1000 jobs done", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 1000).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM jobs WHERE result = '\"Job processed successfully\"' AND attempts = 1").await,
+        1000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_unfinished_jobs_and_the_next_start_finishes_them() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let env = with(&db.env(), &[("WORKERS", "4"), ("SHUTDOWN_TIMEOUT", "1s")]);
+    let mut first = Proc::instance("first", &with(&env, &[("JQ_SLEEP_MS", "60000")]));
+    wait_listeners(&c, 1).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 10) AS i").await.unwrap();
+    eventually(Duration::from_secs(30), "four jobs running", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await == 4).then_some(())
+    })
+    .await;
+
+    let t = Instant::now();
+    first.signal("TERM");
+    assert_eq!(first.wait(Duration::from_secs(15)).await, Some(0), "graceful exit");
+    assert!(t.elapsed() < Duration::from_secs(8), "bounded by SHUTDOWN_TIMEOUT, took {:?}", t.elapsed());
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'pending'").await, 10);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM jobs WHERE attempts <> 0 OR locked_by IS NOT NULL").await,
+        0,
+        "released without counting the interrupted attempt"
+    );
+    assert!(first.stderr().contains("released"), "logs what it released");
+
+    let _second = Proc::instance("second", &env);
+    eventually(Duration::from_secs(30), "all ten done by the next start", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done' AND result = '\"second\"'").await == 10)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_an_idle_serve_exits_0() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut p = Proc::jobqueue("serve", &["serve"], &db.env());
+    wait_listeners(&c, 1).await;
+    p.signal("TERM");
+    assert_eq!(p.wait(Duration::from_secs(10)).await, Some(0), "{}", p.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_wake_workers_and_survive_a_cut_listen_connection() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // Polling is effectively off: only NOTIFY (and the reconnect sweep) can wake the workers.
+    let _p = Proc::jobqueue("serve", &["serve"], &with(&db.env(), &[("POLL_INTERVAL", "60s")]));
+    wait_listeners(&c, 1).await;
+    // Let the start-up sweep finish so that it cannot be what picks up the job.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
+    eventually(Duration::from_secs(1), "job done within a second", || async {
+        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
+        (done == 1).then_some(())
+    })
+    .await;
+
+    let killed = count(
+        &c,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'jobqueue-listener'",
+    )
+    .await;
+    assert_eq!(killed, 1);
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('2') RETURNING id", &[]).await.unwrap().get(0);
+    eventually(Duration::from_secs(2), "job done within two seconds of the cut", || async {
+        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
+        (done == 1).then_some(())
+    })
+    .await;
+    wait_listeners(&c, 1).await;
+    // And the new connection is listening, not only the sweep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('3') RETURNING id", &[]).await.unwrap().get(0);
+    eventually(Duration::from_secs(1), "job done within a second after reconnecting", || async {
+        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
+        (done == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_job_starts_on_time_without_polling() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let _p = Proc::instance("timer", &with(&db.env(), &[("POLL_INTERVAL", "60s")]));
+    wait_listeners(&c, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let id: Uuid = c
+        .query_one("INSERT INTO jobs (payload, run_at) VALUES ('1', now() + interval '2 seconds') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually(Duration::from_secs(10), "delayed job done", || async {
+        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
+        (done == 1).then_some(())
+    })
+    .await;
+    let late_ms: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM e.at - j.run_at)::float8 * 1000 FROM jobs j JOIN test_executions e ON e.job_id = j.id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((0.0..500.0).contains(&late_ms), "started {late_ms:.0} ms after run_at");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_without_a_handler_here_are_left_alone() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let svc = start_with(db.config(2), common::noop()).await;
+    c.batch_execute(
+        "INSERT INTO jobs (payload, queue) VALUES ('1', 'elsewhere'); INSERT INTO jobs (payload) VALUES ('2');",
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "default job done", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE queue = 'default' AND status = 'done'").await == 1).then_some(())
+    })
+    .await;
+    // The default job went through a full cycle; the other queue's job was never touched.
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM jobs WHERE queue = 'elsewhere' AND status = 'pending' AND attempts = 0").await,
+        1
+    );
+    svc.stop().await;
+}
+
+/// In-process instance whose default queue retries fast, for the failure-path tests.
+fn fast_retry_config(db: &TestDb, max_attempts: i32) -> jobqueue::Config {
+    let mut config = db.config(2);
+    config.queues = vec![QueueConfig {
+        name: "default".into(),
+        concurrency: 2,
+        retry: RetryPolicy {
+            max_attempts,
+            backoff: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            jitter: 0.0,
+        },
+    }];
+    config.poll_interval = Duration::from_secs(60);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_is_retried_with_growing_delays_then_fails() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let seen: Arc<Mutex<Vec<(i32, Instant)>>> = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        move |ctx: JobContext| {
+            seen.lock().unwrap().push((ctx.job.attempts, Instant::now()));
+            let n = ctx.job.attempts;
+            async move { Err::<Value, _>(HandlerError::retry(format!("boom {n}"))) }
+        }
+    };
+    let svc = start_with(fast_retry_config(&db, 4), handler).await;
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
+    eventually(Duration::from_secs(15), "job failed", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 1).then_some(())
+    })
+    .await;
+    svc.stop().await;
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let gaps: Vec<u128> = seen.windows(2).map(|w| (w[1].1 - w[0].1).as_millis()).collect();
+    // Backoff 200ms doubling: 200, 400, 800 (no jitter), each on time thanks to the timer.
+    for (gap, expected) in gaps.iter().zip([200u128, 400, 800]) {
+        assert!(*gap >= expected && *gap < expected + 400, "gaps {gaps:?}");
+    }
+    let row = c
+        .query_one("SELECT error, errors, attempts, finished_at IS NOT NULL FROM jobs WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "boom 4");
+    let errors: Value = row.get(1);
+    let history: Vec<(i64, String)> = errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["attempt"].as_i64().unwrap(), e["error"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(history, (1..=4).map(|i| (i, format!("boom {i}"))).collect::<Vec<_>>());
+    assert_eq!(row.get::<_, i32>(2), 4);
+    assert!(row.get::<_, bool>(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_the_worker_lives_on() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let handler = |ctx: JobContext| async move {
+        if ctx.job.payload == serde_json::json!("panic") {
+            panic!("handler exploded on purpose");
+        }
+        Ok::<_, HandlerError>(Value::Null)
+    };
+    let svc = start_with(fast_retry_config(&db, 3), handler).await;
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('\"panic\"')").await.unwrap();
+    eventually(Duration::from_secs(15), "panicking job failed", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed' AND attempts = 3").await == 1).then_some(())
+    })
+    .await;
+    let error: String = c.query_one("SELECT error FROM jobs WHERE status = 'failed'", &[]).await.unwrap().get(0);
+    assert!(error.contains("panicked") && error.contains("exploded on purpose"), "{error}");
+    // The same workers still process jobs.
+    c.batch_execute("INSERT INTO jobs (payload) SELECT '\"fine\"' FROM generate_series(1, 20)").await.unwrap();
+    eventually(Duration::from_secs(10), "later jobs done", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 20).then_some(())
+    })
+    .await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_over_job_timeout_counts_as_an_error() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let mut config = fast_retry_config(&db, 1);
+    config.job_timeout = Duration::from_millis(200);
+    let handler = |_ctx: JobContext| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, HandlerError>(Value::Null)
+    };
+    let svc = start_with(config, handler).await;
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
+    eventually(Duration::from_secs(10), "timed-out job failed", || async {
+        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 1).then_some(())
+    })
+    .await;
+    let error: String = c.query_one("SELECT error FROM jobs", &[]).await.unwrap().get(0);
+    assert!(error.contains("timed out"), "{error}");
+    svc.stop().await;
+}

@@ -1,0 +1,219 @@
+//! The schema as a psql user meets it: defaults, constraints, the updated_at and NOTIFY triggers, and
+//! migrations run by real `jobqueue migrate` processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{connect, count, Proc, TestDb};
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// A LISTEN connection whose notifications arrive on the returned channel.
+async fn listener(url: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut s = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = s.next().await {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    client.batch_execute("LISTEN jobqueue").await.unwrap();
+    (client, rx)
+}
+
+/// Notifications that arrived after a statement on the same connection round-tripped: NOTIFY is
+/// delivered at commit, before the commit's answer, so a following query guarantees they are in.
+async fn drain(
+    client: &tokio_postgres::Client,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) -> Vec<String> {
+    client.batch_execute("SELECT 1").await.unwrap();
+    // The sender's connection and the listener's are different sessions: give the listener's socket a
+    // moment to be read after the round trip above.
+    let mut got = Vec::new();
+    while let Ok(Some((_, payload))) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        got.push(payload);
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_psql_insert_with_only_a_payload_is_a_complete_pending_job() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let row =
+        c.query_one(r#"INSERT INTO jobs (payload) VALUES ('{"to": "a@example.com"}') RETURNING *"#, &[]).await.unwrap();
+    let job = jobqueue::db::queries::job_from_row(&row).unwrap();
+    assert_eq!(job.queue, "default");
+    assert_eq!(job.status, jobqueue::JobStatus::Pending);
+    assert_eq!(job.payload["to"], "a@example.com");
+    assert_eq!((job.attempts, job.priority), (0, 0));
+    assert_eq!(job.errors, serde_json::json!([]));
+    assert!(job.run_at <= chrono::Utc::now() + chrono::Duration::seconds(1));
+    assert_eq!(job.created_at, job.updated_at);
+    assert!(job.locked_by.is_none() && job.finished_at.is_none() && job.result.is_none());
+
+    // updated_at follows every UPDATE, whoever runs it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let row = c.query_one("UPDATE jobs SET priority = 3 RETURNING updated_at > created_at", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0));
+}
+
+#[tokio::test]
+async fn named_checks_guard_every_range() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    for (sql, constraint) in [
+        ("INSERT INTO jobs (payload, status) VALUES ('1', 'todo')", "jobs_status_valid"),
+        ("INSERT INTO jobs (payload, priority) VALUES ('1', 5000)", "jobs_priority_range"),
+        ("INSERT INTO jobs (payload, max_attempts) VALUES ('1', 0)", "jobs_max_attempts_range"),
+        ("INSERT INTO jobs (payload, attempts) VALUES ('1', -1)", "jobs_attempts_range"),
+        ("INSERT INTO jobs (payload, queue) VALUES ('1', '')", "jobs_queue_valid"),
+        ("INSERT INTO jobs (payload, status) VALUES ('1', 'processing')", "jobs_processing_is_locked"),
+        ("INSERT INTO jobs (payload, errors) VALUES ('1', '{}')", "jobs_errors_is_array"),
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        let db_err = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e:?}"));
+        assert_eq!(db_err.constraint(), Some(constraint), "{sql}");
+    }
+    let e = c.batch_execute("INSERT INTO jobs (queue) VALUES ('q')").await.unwrap_err();
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION));
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 0);
+}
+
+#[tokio::test]
+async fn one_notification_per_statement_and_queue() {
+    let db = TestDb::new().await;
+    let (lc, mut rx) = listener(&db.url).await;
+    let c = db.client().await;
+
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 1000) AS i").await.unwrap();
+    assert_eq!(drain(&lc, &mut rx).await, vec!["default"], "1000 rows, one notification");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 1000);
+
+    c.batch_execute("BEGIN; INSERT INTO jobs (payload) VALUES ('1'), ('2'); ROLLBACK;").await.unwrap();
+    assert!(drain(&lc, &mut rx).await.is_empty(), "a rolled-back insert notifies nobody");
+
+    c.batch_execute("INSERT INTO jobs (payload) SELECT '1' WHERE false").await.unwrap();
+    assert!(drain(&lc, &mut rx).await.is_empty(), "a zero-row insert notifies nobody");
+
+    c.batch_execute("INSERT INTO jobs (payload, queue) VALUES ('1', 'a'), ('2', 'b'), ('3', 'a'), ('4', 'b')")
+        .await
+        .unwrap();
+    let mut got = drain(&lc, &mut rx).await;
+    got.sort();
+    assert_eq!(got, vec!["a", "b"], "one per distinct queue");
+
+    // Several statements in one transaction: Postgres folds identical notifications.
+    c.batch_execute("BEGIN; INSERT INTO jobs (payload) VALUES ('1'); INSERT INTO jobs (payload) VALUES ('2'); COMMIT;")
+        .await
+        .unwrap();
+    assert_eq!(drain(&lc, &mut rx).await, vec!["default"]);
+
+    // Rows inserted already finished are not work: no wake-up.
+    c.batch_execute("INSERT INTO jobs (payload, status, finished_at) VALUES ('1', 'done', now())").await.unwrap();
+    assert!(drain(&lc, &mut rx).await.is_empty());
+}
+
+#[tokio::test]
+async fn copy_into_jobs_works_and_notifies_once() {
+    let db = TestDb::new().await;
+    let (lc, mut rx) = listener(&db.url).await;
+    let c = db.client().await;
+    let sink = c.copy_in("COPY jobs (payload, queue) FROM STDIN").await.unwrap();
+    let data: String = (0..100).map(|i| format!("{{\"n\": {i}}}\tcopied\n")).collect();
+    futures_util::pin_mut!(sink);
+    use futures_util::SinkExt;
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 100);
+    assert_eq!(drain(&lc, &mut rx).await, vec!["copied"]);
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'copied' AND status = 'pending'").await, 100);
+}
+
+#[tokio::test]
+async fn concurrent_migrate_processes_both_succeed_and_a_third_changes_nothing() {
+    // An empty database (not cloned from the template) so that the migrations really run.
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
+                     DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
+    )
+    .await
+    .unwrap();
+    let env = db.env();
+    let mut a = Proc::jobqueue("migrate-a", &["migrate"], &env);
+    let mut b = Proc::jobqueue("migrate-b", &["migrate"], &env);
+    assert_eq!(a.wait(Duration::from_secs(60)).await, Some(0), "{}", a.stderr());
+    assert_eq!(b.wait(Duration::from_secs(60)).await, Some(0), "{}", b.stderr());
+    let applied = count(&c, "SELECT count(*) FROM jobqueue_migrations").await;
+    assert_eq!(applied, 2);
+
+    let before: String = c
+        .query_one("SELECT string_agg(applied_on, ',' ORDER BY version) FROM jobqueue_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut third = Proc::jobqueue("migrate-c", &["migrate"], &env);
+    assert_eq!(third.wait(Duration::from_secs(60)).await, Some(0));
+    let after: String = c
+        .query_one("SELECT string_agg(applied_on, ',' ORDER BY version) FROM jobqueue_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, after, "nothing re-applied");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobqueue_migrations").await, 2);
+}
+
+#[tokio::test]
+async fn an_edited_applied_migration_is_refused() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // As if V1's file had changed since it was applied: the recorded checksum no longer matches.
+    c.batch_execute("UPDATE jobqueue_migrations SET checksum = '1' WHERE version = 1").await.unwrap();
+    let mut p = Proc::jobqueue("migrate", &["migrate"], &db.env());
+    assert_eq!(p.wait(Duration::from_secs(60)).await, Some(1));
+    let err = p.stderr();
+    assert!(err.contains("V1__jobs") && err.contains("different"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_and_migrate_create_a_missing_database() {
+    let db = TestDb::new().await;
+    let name = format!("{}_fresh", db.name);
+    let url = db.url.replace(&db.name, &name);
+    let mut env = db.env();
+    env.retain(|(k, _)| k != "DATABASE_URL");
+    env.push(("DATABASE_URL".into(), url.clone()));
+    let mut p = Proc::jobqueue("migrate", &["migrate"], &env);
+    assert_eq!(p.wait(Duration::from_secs(60)).await, Some(0), "{}", p.stderr());
+    let c = connect(&url).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 0);
+    drop(c);
+    let admin = connect(&db.url).await;
+    admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_2_with_one_line_naming_the_variable() {
+    for (var, value, expect) in [
+        ("PORT", "http", "PORT"),
+        ("WORKERS", "0", "WORKERS"),
+        ("POLL_INTERVAL", "fast", "POLL_INTERVAL"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT"),
+        ("DATABASE_URL", "mysql:/nope", "DATABASE_URL"),
+        ("QUEUES", "a:b", "QUEUES"),
+        ("MAX_BODY_BYTES", "lots", "MAX_BODY_BYTES"),
+    ] {
+        let mut p = Proc::jobqueue("bad-config", &["migrate"], &[(var.to_string(), value.to_string())]);
+        assert_eq!(p.wait(Duration::from_secs(20)).await, Some(2), "{var}={value}");
+        let err = p.stderr();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(expect) && !err.contains("panicked"), "{err}");
+    }
+}
