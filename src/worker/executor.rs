@@ -15,6 +15,9 @@ use super::{QueueRuntime, Shared};
 use crate::db::queries::Finish;
 use crate::job::{Job, JobStatus, RetryPolicy};
 
+/// How long a cancelled handler may keep running to finish on its own before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Outcome {
@@ -49,7 +52,7 @@ pub(crate) async fn execute(
     done: mpsc::UnboundedSender<Finished>,
 ) {
     let started = Instant::now();
-    let entry = shared.running.insert(job.id);
+    let entry = shared.running.insert(job.id, job.attempts);
     let ctx = JobContext::new(job.clone(), entry.token.clone());
     let outcome = {
         // Creating the future may itself panic; so may polling it.
@@ -58,15 +61,21 @@ pub(crate) async fn execute(
             Err(panic) => Outcome::Error { message: panic_message(panic), after: None },
             Ok(fut) => {
                 let guarded = tokio::time::timeout(shared.job_timeout, AssertUnwindSafe(fut).catch_unwind());
+                let mut guarded = std::pin::pin!(guarded);
                 // A requested cancellation wins over the shutdown's release.
-                tokio::select! {
+                let outcome = tokio::select! {
                     biased;
-                    _ = entry.token.cancelled() => match entry.reason.get() {
-                        Some(StopReason::LeaseLost) => Outcome::LeaseLost,
-                        _ => Outcome::Cancelled,
-                    },
+                    _ = entry.token.cancelled() => {
+                        // A handler watching `ctx.cancelled()` gets a moment to stop on its own terms
+                        // (clean up, return) before its future is dropped.
+                        let _ = tokio::time::timeout(CANCEL_GRACE, &mut guarded).await;
+                        match entry.reason.get() {
+                            Some(StopReason::LeaseLost) => Outcome::LeaseLost,
+                            _ => Outcome::Cancelled,
+                        }
+                    }
                     _ = shared.hard_stop.cancelled() => Outcome::Released,
-                    r = guarded => match r {
+                    r = &mut guarded => match r {
                         Err(_) => Outcome::Error {
                             message: format!("handler timed out after {}", humantime::format_duration(shared.job_timeout)),
                             after: None,
@@ -77,7 +86,11 @@ pub(crate) async fn execute(
                         Ok(Ok(Err(HandlerError::Fail { message }))) => Outcome::Fail(message),
                         Ok(Ok(Err(HandlerError::Snooze { after }))) => Outcome::Snooze(after),
                     },
-                }
+                };
+                // Whatever ended the attempt (timeout, shutdown), work the handler spawned with the
+                // token stops too.
+                entry.token.cancel();
+                outcome
             }
         }
     };
@@ -160,7 +173,7 @@ mod tests {
 
     #[test]
     fn errors_retry_until_attempts_run_out() {
-        let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
+        let p = RetryPolicy { jitter: 0.0, backoff: Duration::from_secs(1), ..RetryPolicy::default() };
         let err = Outcome::Error { message: "boom".into(), after: None };
         let f = finish_for(&job(2, Some(3)), &err, &p).unwrap();
         assert_eq!((f.status, f.delay, f.error.as_deref()), (JobStatus::Pending, Duration::from_secs(2), Some("boom")));

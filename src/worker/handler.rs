@@ -22,7 +22,7 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'st
 /// # use jobqueue::{JobContext, HandlerError};
 /// let send_email = |ctx: JobContext| async move {
 ///     let to = ctx.job.payload["to"].as_str().ok_or_else(|| HandlerError::fail("no recipient"))?;
-///     Ok(serde_json::json!({ "sent_to": to }))
+///     Ok::<_, HandlerError>(serde_json::json!({ "sent_to": to }))
 /// };
 /// ```
 pub trait Handler: Send + Sync + 'static {
@@ -100,7 +100,8 @@ impl HandlerError {
     }
 }
 
-/// The handler the `jobqueue` binary registers for the `default` queue: what the original service did.
+/// The handler the `jobqueue` binary registers for every queue it serves: what the original service
+/// did, marking the job done with the result "Job processed successfully".
 pub fn default_handler() -> impl Handler {
     |_ctx: JobContext| async { Ok(Value::String("Job processed successfully".into())) }
 }

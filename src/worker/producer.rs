@@ -18,6 +18,11 @@ use crate::db::{queries, ConnSlot};
 /// Largest claim, whatever the concurrency: keeps one statement's lock set and result modest.
 const MAX_CLAIM: usize = 1000;
 
+/// While a backlog exists, how long the producer may wait for more free slots after the first one,
+/// so that the next claim is a batch rather than a trickle of single-job claims. Only ever spent when
+/// the queue is known to have more runnable jobs than free slots.
+const FETCH_COOLDOWN: Duration = Duration::from_millis(2);
+
 /// Margin added to a scheduled job's due time so that the database's `now()` has passed `run_at` when
 /// the claim runs.
 const TIMER_MARGIN: Duration = Duration::from_millis(3);
@@ -31,12 +36,20 @@ pub(crate) async fn run(
     let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
     let mut conn = ConnSlot::new(&shared.url, &log);
     let mut backoff = Duration::from_millis(100);
+    let mut backlog = false;
+    let half = (queue.config.concurrency.min(MAX_CLAIM) / 2) as u32;
     loop {
         // Wait for a free slot.
         let first = tokio::select! {
             p = queue.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = shutdown.cancelled() => return,
         };
+        if backlog && half > 1 {
+            // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
+            // jobs each as slots freed one by one.
+            let more = tokio::time::timeout(FETCH_COOLDOWN, queue.slots.clone().acquire_many_owned(half - 1)).await;
+            drop(more);
+        }
         let want = (1 + queue.slots.available_permits()).min(MAX_CLAIM);
 
         // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
@@ -82,8 +95,9 @@ pub(crate) async fn run(
             tokio::spawn(execute(job, permit, queue.clone(), shared.clone(), done.clone()));
         }
         drop(first);
-        if n == want {
-            // There may be more: claim again as soon as a slot is free.
+        backlog = n == want;
+        if backlog {
+            // There may be more: claim again as soon as slots are free.
             continue;
         }
 

@@ -18,6 +18,9 @@ pub enum StopReason {
 
 #[derive(Clone)]
 pub(crate) struct Entry {
+    /// Which attempt this entry tracks: an instance that lost a lease may claim the same job again,
+    /// and the old attempt's end must not remove the new one.
+    pub attempt: i32,
     pub token: CancellationToken,
     pub reason: Arc<OnceLock<StopReason>>,
 }
@@ -28,16 +31,18 @@ pub struct Running {
 }
 
 impl Running {
-    pub(crate) fn insert(&self, id: Uuid) -> Entry {
-        let entry = Entry { token: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
+    pub(crate) fn insert(&self, id: Uuid, attempt: i32) -> Entry {
+        let entry = Entry { attempt, token: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
         self.jobs.lock().expect("running map poisoned").insert(id, entry.clone());
         entry
     }
 
-    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = Uuid>) {
+    pub(crate) fn remove(&self, attempts: impl IntoIterator<Item = (Uuid, i32)>) {
         let mut jobs = self.jobs.lock().expect("running map poisoned");
-        for id in ids {
-            jobs.remove(&id);
+        for (id, attempt) in attempts {
+            if jobs.get(&id).is_some_and(|e| e.attempt == attempt) {
+                jobs.remove(&id);
+            }
         }
     }
 
