@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{count, eventually, start_with, Proc, TestDb, EXECUTIONS_DDL};
+use common::{count, eventually, start_with, wait_count, Proc, TestDb, EXECUTIONS_DDL};
 use jobqueue::{HandlerError, JobContext, QueueConfig, RetryPolicy};
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -59,9 +59,13 @@ async fn ten_thousand_jobs_three_processes_each_done_exactly_once() {
         .await
         .unwrap();
     }
-    eventually(Duration::from_secs(180), "all 10,000 jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 10_000).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(180),
+        "all 10,000 jobs done",
+        "SELECT count(*) FROM jobs WHERE status = 'done'",
+        10_000,
+    )
     .await;
 
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0);
@@ -109,9 +113,13 @@ async fn kill_9_mid_job_loses_nothing_and_completes_nothing_twice() {
         .collect();
     assert!(!held.is_empty());
 
-    eventually(Duration::from_secs(120), "all 600 jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 600).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(120),
+        "all 600 jobs done",
+        "SELECT count(*) FROM jobs WHERE status = 'done'",
+        600,
+    )
     .await;
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0, "nothing lost");
     // Survivors ran every job at most once.
@@ -145,10 +153,8 @@ async fn jobs_inserted_while_no_instance_runs_are_processed_on_start() {
     let c = db.client().await;
     c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 1000) AS i").await.unwrap();
     let _p = Proc::jobqueue("serve", &["serve"], &with(&db.env(), &[("POLL_INTERVAL", "60s")]));
-    eventually(Duration::from_secs(60), "1000 jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 1000).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(60), "1000 jobs done", "SELECT count(*) FROM jobs WHERE status = 'done'", 1000)
+        .await;
     assert_eq!(
         count(&c, "SELECT count(*) FROM jobs WHERE result = '\"Job processed successfully\"' AND attempts = 1").await,
         1000
@@ -164,9 +170,13 @@ async fn sigterm_releases_unfinished_jobs_and_the_next_start_finishes_them() {
     let mut first = Proc::instance("first", &with(&env, &[("JQ_SLEEP_MS", "60000")]));
     wait_listeners(&c, 1).await;
     c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 10) AS i").await.unwrap();
-    eventually(Duration::from_secs(30), "four jobs running", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await == 4).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(30),
+        "four jobs running",
+        "SELECT count(*) FROM jobs WHERE status = 'processing'",
+        4,
+    )
     .await;
 
     let t = Instant::now();
@@ -182,10 +192,13 @@ async fn sigterm_releases_unfinished_jobs_and_the_next_start_finishes_them() {
     assert!(first.stderr().contains("released"), "logs what it released");
 
     let _second = Proc::instance("second", &env);
-    eventually(Duration::from_secs(30), "all ten done by the next start", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done' AND result = '\"second\"'").await == 10)
-            .then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(30),
+        "all ten done by the next start",
+        "SELECT count(*) FROM jobs WHERE status = 'done' AND result = '\"second\"'",
+        10,
+    )
     .await;
 }
 
@@ -279,9 +292,13 @@ async fn queues_without_a_handler_here_are_left_alone() {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(5), "default job done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE queue = 'default' AND status = 'done'").await == 1).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(5),
+        "default job done",
+        "SELECT count(*) FROM jobs WHERE queue = 'default' AND status = 'done'",
+        1,
+    )
     .await;
     // The default job went through a full cycle; the other queue's job was never touched.
     assert_eq!(
@@ -323,10 +340,7 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_fails() {
     };
     let svc = start_with(fast_retry_config(&db, 4), handler).await;
     let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
-    eventually(Duration::from_secs(15), "job failed", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 1).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(15), "job failed", "SELECT count(*) FROM jobs WHERE status = 'failed'", 1).await;
     svc.stop().await;
 
     let seen = seen.lock().unwrap().clone();
@@ -365,18 +379,20 @@ async fn a_panicking_handler_is_retried_and_the_worker_lives_on() {
     };
     let svc = start_with(fast_retry_config(&db, 3), handler).await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('\"panic\"')").await.unwrap();
-    eventually(Duration::from_secs(15), "panicking job failed", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed' AND attempts = 3").await == 1).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(15),
+        "panicking job failed",
+        "SELECT count(*) FROM jobs WHERE status = 'failed' AND attempts = 3",
+        1,
+    )
     .await;
     let error: String = c.query_one("SELECT error FROM jobs WHERE status = 'failed'", &[]).await.unwrap().get(0);
     assert!(error.contains("panicked") && error.contains("exploded on purpose"), "{error}");
     // The same workers still process jobs.
     c.batch_execute("INSERT INTO jobs (payload) SELECT '\"fine\"' FROM generate_series(1, 20)").await.unwrap();
-    eventually(Duration::from_secs(10), "later jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 20).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(10), "later jobs done", "SELECT count(*) FROM jobs WHERE status = 'done'", 20)
+        .await;
     svc.stop().await;
 }
 
@@ -392,9 +408,13 @@ async fn a_handler_over_job_timeout_counts_as_an_error() {
     };
     let svc = start_with(config, handler).await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
-    eventually(Duration::from_secs(10), "timed-out job failed", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 1).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "timed-out job failed",
+        "SELECT count(*) FROM jobs WHERE status = 'failed'",
+        1,
+    )
     .await;
     let error: String = c.query_one("SELECT error FROM jobs", &[]).await.unwrap().get(0);
     assert!(error.contains("timed out"), "{error}");

@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{count, eventually, http, Proc, TestDb, EXECUTIONS_DDL};
+use common::{count, http, wait_count, Proc, TestDb, EXECUTIONS_DDL};
 use jobqueue::{Builder, HandlerError, JobContext, QueueConfig, RetryPolicy};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -41,9 +41,13 @@ async fn a_flooded_queue_does_not_starve_another() {
         .await
         .unwrap();
     c.batch_execute("INSERT INTO jobs (payload, queue) SELECT '1', 'email' FROM generate_series(1, 20)").await.unwrap();
-    eventually(Duration::from_secs(5), "all email jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE queue = 'email' AND status = 'done'").await == 20).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(5),
+        "all email jobs done",
+        "SELECT count(*) FROM jobs WHERE queue = 'email' AND status = 'done'",
+        20,
+    )
     .await;
     let flood_left = count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status <> 'done'").await;
     assert!(flood_left > 800, "the flood is still being worked through ({flood_left} left)");
@@ -76,10 +80,7 @@ async fn lower_priority_runs_first_then_fifo() {
         }
     };
     let svc = common::start_with(db.config(1), handler).await;
-    eventually(Duration::from_secs(10), "all done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 5).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 5).await;
     svc.stop().await;
     assert_eq!(*order.lock().unwrap(), vec!["a", "b", "c", "d", "e"]);
 }
@@ -126,9 +127,13 @@ async fn per_job_max_attempts_and_permanent_failure_and_snooze() {
         .await
         .unwrap()
         .get(0);
-    eventually(Duration::from_secs(10), "three jobs finished", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE finished_at IS NOT NULL").await == 3).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "three jobs finished",
+        "SELECT count(*) FROM jobs WHERE finished_at IS NOT NULL",
+        3,
+    )
     .await;
     svc.stop().await;
 
@@ -163,10 +168,7 @@ async fn the_error_history_is_capped_at_twenty() {
         |ctx: JobContext| async move { Err::<Value, _>(HandlerError::retry(format!("fail {}", ctx.job.attempts))) };
     let svc = common::start_with(config, handler).await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
-    eventually(Duration::from_secs(20), "job failed", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 1).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(20), "job failed", "SELECT count(*) FROM jobs WHERE status = 'failed'", 1).await;
     svc.stop().await;
     let errors: Value = c.query_one("SELECT errors FROM jobs", &[]).await.unwrap().get(0);
     let errors = errors.as_array().unwrap();
@@ -191,10 +193,13 @@ async fn cancelling_a_job_running_on_another_instance() {
     let r = http(addr, "POST", "/jobs", Some(r#"{"payload": "long"}"#)).await;
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(20), "job running on the worker", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing' AND locked_by = 'worker'").await == 1)
-            .then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(20),
+        "job running on the worker",
+        "SELECT count(*) FROM jobs WHERE status = 'processing' AND locked_by = 'worker'",
+        1,
+    )
     .await;
     let t = Instant::now();
     let r = http(addr, "POST", &format!("/jobs/{id}/cancel"), None).await;
@@ -274,10 +279,7 @@ async fn retention_deletes_only_what_it_should() {
     let mut config = db.config(1);
     config.maintenance_interval = Duration::from_millis(100);
     let svc = common::start_with(config, common::noop()).await;
-    eventually(Duration::from_secs(10), "old finished jobs deleted", || async {
-        (count(&c, "SELECT count(*) FROM jobs").await == 3).then_some(())
-    })
-    .await;
+    wait_count(&c, Duration::from_secs(10), "old finished jobs deleted", "SELECT count(*) FROM jobs", 3).await;
     let left: Vec<String> =
         c.query("SELECT payload #>> '{}' FROM jobs ORDER BY 1", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, vec!["done-new", "failed-old", "pending-old"]);
@@ -292,9 +294,13 @@ async fn retention_deletes_only_what_it_should() {
     config.retention.done = None;
     config.retention.failed = Some(Duration::from_secs(86400));
     let svc = common::start_with(config, common::noop()).await;
-    eventually(Duration::from_secs(10), "failed-old deleted", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'failed'").await == 0).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "failed-old deleted",
+        "SELECT count(*) FROM jobs WHERE status = 'failed'",
+        0,
+    )
     .await;
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await, 2, "done jobs kept");
     svc.stop().await;
@@ -309,9 +315,13 @@ async fn queues_setting_configures_the_binary() {
     c.batch_execute("INSERT INTO jobs (payload, queue) VALUES ('1', 'email'), ('2', 'default'), ('3', 'unserved')")
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "email and default jobs done", || async {
-        (count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await == 2).then_some(())
-    })
+    wait_count(
+        &c,
+        Duration::from_secs(20),
+        "email and default jobs done",
+        "SELECT count(*) FROM jobs WHERE status = 'done'",
+        2,
+    )
     .await;
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'email' AND max_attempts = 3").await, 1);
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'unserved' AND status = 'pending'").await, 1);

@@ -189,6 +189,22 @@ pub async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// Waits until the count `sql` returns equals `expected`.
+pub async fn wait_count(client: &Client, within: Duration, what: &str, sql: &str, expected: i64) {
+    let mut last = -1;
+    let ok = tokio::time::timeout(within, async {
+        loop {
+            last = count(client, sql).await;
+            if last == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "timed out after {within:?} waiting for: {what} (count {last}, want {expected})");
+}
+
 /// Starts an in-process instance with the given handler on the default queue.
 pub async fn start_with<H: jobqueue::Handler>(config: Config, handler: H) -> Service {
     Builder::new(config).handler("default", handler).start().await.expect("service starts")
