@@ -217,3 +217,47 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_variable() {
         assert!(err.contains(expect) && !err.contains("panicked"), "{err}");
     }
 }
+
+/// The migrated schema, described from the catalogs in a stable text form: tables and columns,
+/// constraints, indexes, triggers, functions, views and storage options.
+const SCHEMA_DESCRIPTION: &str = "
+SELECT string_agg(line, E'\\n' ORDER BY kind, line) FROM (
+    SELECT 1 AS kind, format('column %s.%s %s%s%s', c.table_name, c.column_name, c.data_type,
+           CASE WHEN c.is_nullable = 'NO' THEN ' not null' ELSE '' END,
+           coalesce(' default ' || c.column_default, '')) AS line
+    FROM information_schema.columns c WHERE c.table_schema = 'public' AND c.table_name <> 'jobqueue_migrations'
+    UNION ALL
+    SELECT 2, format('constraint %s %s', conname, pg_get_constraintdef(oid))
+    FROM pg_constraint WHERE conrelid = 'jobs'::regclass
+    UNION ALL
+    SELECT 3, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'jobs'
+    UNION ALL
+    SELECT 4, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal
+    UNION ALL
+    SELECT 5, pg_get_functiondef(p.oid) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'public'
+    UNION ALL
+    SELECT 6, 'view jobqueue_stats ' || pg_get_viewdef('jobqueue_stats'::regclass, true)
+    UNION ALL
+    SELECT 7, 'storage jobs ' || array_to_string(reloptions, ', ') FROM pg_class WHERE oid = 'jobs'::regclass
+) t";
+
+/// Like graphile-worker's schema dump: a reviewed copy of the migrated schema lives in
+/// `db/schema.snapshot`, and a migration that changes the schema must update it
+/// (`UPDATE_SCHEMA_SNAPSHOT=1 cargo test --test schema`), so the change shows up in review.
+#[tokio::test]
+async fn the_migrated_schema_matches_the_reviewed_snapshot() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let actual: String = c.query_one(SCHEMA_DESCRIPTION, &[]).await.unwrap().get(0);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/db/schema.snapshot");
+    if std::env::var("UPDATE_SCHEMA_SNAPSHOT").is_ok() {
+        std::fs::write(path, format!("{actual}\n")).unwrap();
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        expected.trim_end() == actual.trim_end(),
+        "the schema drifted from db/schema.snapshot; review the difference, then run \
+         UPDATE_SCHEMA_SNAPSHOT=1 cargo test --test schema\n--- actual ---\n{actual}"
+    );
+}

@@ -281,7 +281,8 @@ impl Proc {
     }
 
     /// This test binary re-run as a service instance whose handler records executions (see
-    /// [`child_main`]); `test_fn` is the name of the `#[ignore]` test in the calling file that calls it.
+    /// [`child_main`]). The calling test file must define the `#[ignore]` test `child_instance` that
+    /// calls [`child_main`].
     pub fn instance(name: &str, env: &[(String, String)]) -> Proc {
         let (log, stderr) = log_file(name);
         let mut cmd = Command::new(std::env::current_exe().unwrap());
