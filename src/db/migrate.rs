@@ -30,7 +30,7 @@ pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> 
     let result = runner.set_abort_divergent(true).set_abort_missing(true).run_async(client).await;
     // Unlock even when the run failed; if the connection itself broke the server has released the lock.
     let unlocked = client.batch_execute(queries::MIGRATION_UNLOCK).await;
-    let report = result.map_err(|e| DbError::Migration(e.to_string()))?;
+    let report = result.map_err(|e| DbError::Migration(describe(&e)))?;
     unlocked?;
     let versions: Vec<String> =
         report.applied_migrations().iter().map(|m| format!("V{}__{}", m.version(), m.name())).collect();
@@ -38,4 +38,23 @@ pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> 
         slog::info!(log, "applied migration"; "migration" => v);
     }
     Ok(Applied { versions })
+}
+
+/// refinery's messages, made to say what to do.
+fn describe(e: &refinery::Error) -> String {
+    match e.kind() {
+        refinery::error::Kind::DivergentVersion(applied, _) => format!(
+            "migration V{}__{} was edited after it was applied to this database (its checksum differs); \
+             migrations are forward-only: restore the original file and put the change in a new migration",
+            applied.version(),
+            applied.name()
+        ),
+        refinery::error::Kind::MissingVersion(applied) => format!(
+            "migration V{}__{} is applied to this database but missing from this build; \
+             run a build that includes it",
+            applied.version(),
+            applied.name()
+        ),
+        _ => e.to_string(),
+    }
 }
