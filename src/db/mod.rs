@@ -167,6 +167,10 @@ impl Conn {
     }
 }
 
+/// Longest wait for one engine statement (or for a connection to open) before the connection is
+/// given up as broken.
+pub const STATEMENT_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A [`Conn`] that reconnects itself: engine loops hold one and never deal with reconnection.
 pub struct ConnSlot {
     url: String,
@@ -177,6 +181,18 @@ pub struct ConnSlot {
 impl ConnSlot {
     pub fn new(url: &str, log: &Logger) -> ConnSlot {
         ConnSlot { url: url.to_string(), log: log.clone(), conn: None }
+    }
+
+    /// Bounds the wait for one engine statement, e.g.
+    /// `slot.settle(timeout(STATEMENT_DEADLINE, async { query(slot.get().await?).await }).await)`.
+    /// A statement that does not answer in time (a half-open TCP connection after a network fault, a
+    /// server that stopped answering) costs the connection: the next call opens a new one rather than
+    /// queueing behind the stuck one.
+    pub fn settle<T>(&mut self, result: Result<Result<T, DbError>, tokio::time::error::Elapsed>) -> Result<T, DbError> {
+        result.unwrap_or_else(|_| {
+            self.conn = None;
+            Err(DbError::Pool(format!("no answer within {}s; reconnecting", STATEMENT_DEADLINE.as_secs())))
+        })
     }
 
     /// The live connection, opening a new one if there is none or the last one broke.

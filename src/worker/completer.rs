@@ -14,9 +14,10 @@ use uuid::Uuid;
 use super::executor::{finish_for, Finished, Outcome};
 use super::Shared;
 use crate::db::queries::{self, Finish};
-use crate::db::ConnSlot;
+use crate::db::{ConnSlot, STATEMENT_DEADLINE};
 use crate::job::{JobStatus, RetryPolicy};
 use crate::waiters::Waiters;
+use tokio::time::timeout;
 
 /// Largest number of outcomes written by one statement.
 const MAX_BATCH: usize = 2000;
@@ -69,9 +70,12 @@ impl Completer {
             if finishes.is_empty() {
                 break HashMap::new();
             }
-            let attempt =
-                async { queries::job_finish_batch(conn.get().await?, &self.shared.instance_id, &finishes).await };
-            match attempt.await {
+            let instance = &self.shared.instance_id;
+            let attempt = timeout(STATEMENT_DEADLINE, async {
+                queries::job_finish_batch(conn.get().await?, instance, &finishes).await
+            })
+            .await;
+            match conn.settle(attempt) {
                 Ok(rows) => break rows.into_iter().collect(),
                 Err(e) => {
                     warn!(log, "could not record finished jobs; retrying"; "count" => finishes.len(), "err" => %e);

@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::running::StopReason;
 use super::Shared;
-use crate::db::{queries, ConnSlot};
+use crate::db::{queries, ConnSlot, STATEMENT_DEADLINE};
+use tokio::time::timeout;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let log = shared.log.new(slog::o!("component" => "heartbeat"));
@@ -27,8 +28,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if ids.is_empty() {
             continue;
         }
-        let beat = async { queries::job_heartbeat(conn.get().await?, &ids, &shared.instance_id, shared.lease).await };
-        match beat.await {
+        let (instance, lease) = (&shared.instance_id, shared.lease);
+        let beat = timeout(STATEMENT_DEADLINE, async {
+            queries::job_heartbeat(conn.get().await?, &ids, instance, lease).await
+        })
+        .await;
+        match conn.settle(beat) {
             Ok(held) => {
                 let held_ids: HashSet<Uuid> = held.iter().map(|(id, _)| *id).collect();
                 for (id, cancel) in held {

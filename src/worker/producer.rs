@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::executor::{execute, Finished};
 use super::{QueueRuntime, Shared};
-use crate::db::{queries, ConnSlot};
+use crate::db::{queries, ConnSlot, STATEMENT_DEADLINE};
+use tokio::time::timeout;
 
 /// Largest claim, whatever the concurrency: keeps one statement's lock set and result modest.
 const MAX_CLAIM: usize = 1000;
@@ -40,9 +41,11 @@ pub(crate) async fn run(
     let half = (queue.config.concurrency.min(MAX_CLAIM) / 2) as u32;
     loop {
         // Wait for a free slot.
+        // Shutdown first: once it began, a free slot must not lead to another claim.
         let first = tokio::select! {
-            p = queue.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            biased;
             _ = shutdown.cancelled() => return,
+            p = queue.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
         if backlog && half > 1 {
             // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
@@ -54,19 +57,13 @@ pub(crate) async fn run(
 
         // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
         // permit when the producer is not waiting, and the next `notified()` returns at once.
-        let claim = async {
-            let c = conn.get().await?;
-            queries::job_claim(
-                c,
-                &queue.config.name,
-                want as i64,
-                &shared.instance_id,
-                shared.lease,
-                queue.config.retry.max_attempts,
-            )
-            .await
-        };
-        let claimed = match claim.await {
+        let (name, limit, instance) = (&queue.config.name, want as i64, &shared.instance_id);
+        let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
+        let claim = timeout(STATEMENT_DEADLINE, async {
+            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts).await
+        })
+        .await;
+        let claimed = match conn.settle(claim) {
             Ok(c) => {
                 backoff = Duration::from_millis(100);
                 c
