@@ -420,3 +420,60 @@ async fn a_handler_over_job_timeout_counts_as_an_error() {
     assert!(error.contains("timed out"), "{error}");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_and_the_rescuer_recovers_the_jobs() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let env = with(&db.env(), &[("JOB_LEASE", "1s"), ("MAINTENANCE_INTERVAL", "200ms"), ("SHUTDOWN_TIMEOUT", "60s")]);
+    let mut stubborn = Proc::instance("stubborn", &with(&env, &[("JQ_SLEEP_MS", "60000"), ("WORKERS", "2")]));
+    wait_listeners(&c, 1).await;
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2')").await.unwrap();
+    wait_count(
+        &c,
+        Duration::from_secs(20),
+        "both jobs running",
+        "SELECT count(*) FROM jobs WHERE status = 'processing'",
+        2,
+    )
+    .await;
+
+    stubborn.signal("TERM");
+    // The first signal starts a drain that would wait up to a minute; the second ends it now.
+    wait_listeners(&c, 0).await;
+    let t = Instant::now();
+    stubborn.signal("TERM");
+    assert_eq!(stubborn.wait(Duration::from_secs(5)).await, Some(130));
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await, 2, "left to the rescuer");
+
+    let _rescuer = Proc::instance("rescuer", &env);
+    wait_count(
+        &c,
+        Duration::from_secs(20),
+        "jobs rescued and done",
+        "SELECT count(*) FROM jobs WHERE result = '\"rescuer\"'",
+        2,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_job_longer_than_its_lease() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    // Lease 1s, job 3s; a second instance runs the rescuer every 200 ms and would take the job over
+    // if the holder stopped extending the lease.
+    let env = with(&db.env(), &[("JOB_LEASE", "1s"), ("MAINTENANCE_INTERVAL", "200ms")]);
+    let _holder = Proc::instance("holder", &with(&env, &[("JQ_SLEEP_MS", "3000")]));
+    wait_listeners(&c, 1).await;
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
+    wait_count(&c, Duration::from_secs(20), "job running", "SELECT count(*) FROM jobs WHERE status = 'processing'", 1)
+        .await;
+    let _other = Proc::instance("other", &env);
+    wait_count(&c, Duration::from_secs(20), "job done", "SELECT count(*) FROM jobs WHERE status = 'done'", 1).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM test_executions").await, 1, "never rescued while alive");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE result = '\"holder\"' AND attempts = 1").await, 1);
+}
