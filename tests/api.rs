@@ -300,10 +300,35 @@ async fn batch_inserts_all_or_nothing() {
     let too_many: Vec<Value> = (0..10_001).map(|_| json!({"payload": 1})).collect();
     let r = call(&api, "POST", "/jobs/batch", Some(&Value::Array(too_many).to_string())).await;
     assert_error(&r, 400, "bad_request");
+    // One statement: one notification per queue, however many jobs.
+    let (listen, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut s = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = s.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listen.batch_execute("LISTEN jobqueue").await.unwrap();
+    let items: Vec<Value> =
+        (0..300).map(|i| json!({"payload": i, "queue": if i % 2 == 0 { "x" } else { "y" }})).collect();
+    assert_eq!(call(&api, "POST", "/jobs/batch", Some(&Value::Array(items).to_string())).await.status, 201);
+    listen.batch_execute("SELECT 1").await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(q)) = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await {
+        got.push(q);
+    }
+    got.sort();
+    assert_eq!(got, vec!["x", "y"]);
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 800);
+
     // {"jobs": [...]} is accepted too.
     let r = call(&api, "POST", "/jobs/batch", Some(r#"{"jobs": [{"payload": "x"}]}"#)).await;
     assert_eq!(r.status, 201);
-    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 501, "failed batches inserted nothing");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 801, "failed batches inserted nothing");
 }
 
 #[tokio::test]

@@ -477,3 +477,48 @@ async fn heartbeats_keep_a_job_longer_than_its_lease() {
     assert_eq!(count(&c, "SELECT count(*) FROM test_executions").await, 1, "never rescued while alive");
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE result = '\"holder\"' AND attempts = 1").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_jobqueue_serve_binaries_claim_each_job_exactly_once() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // The binary runs the original handler, which records nothing itself; a trigger records every
+    // claim (each claim is one execution of the handler) with the instance that made it.
+    c.batch_execute(
+        "CREATE TABLE claims (job_id uuid NOT NULL, instance text NOT NULL, attempt int NOT NULL);
+         CREATE FUNCTION record_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO claims VALUES (NEW.id, NEW.locked_by, NEW.attempts);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER record_claim AFTER UPDATE ON jobs FOR EACH ROW
+             WHEN (OLD.status = 'pending' AND NEW.status = 'processing') EXECUTE FUNCTION record_claim();",
+    )
+    .await
+    .unwrap();
+    let env = with(&db.env(), &[("WORKERS", "8")]);
+    let _procs: Vec<Proc> = (0..3)
+        .map(|i| Proc::jobqueue(&format!("serve-{i}"), &["serve", "--instance-id", &format!("serve-{i}")], &env))
+        .collect();
+    wait_listeners(&c, 3).await;
+    for chunk in 0..10 {
+        c.execute(
+            "INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i) FROM generate_series($1::int, $1::int + 999) AS i",
+            &[&(chunk * 1000)],
+        )
+        .await
+        .unwrap();
+    }
+    wait_count(
+        &c,
+        Duration::from_secs(180),
+        "all 10,000 jobs done",
+        "SELECT count(*) FROM jobs WHERE status = 'done'",
+        10_000,
+    )
+    .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM claims").await, 10_000, "no job claimed twice");
+    assert_eq!(count(&c, "SELECT count(DISTINCT job_id) FROM claims").await, 10_000);
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE result <> '\"Job processed successfully\"'").await, 0);
+    assert_eq!(count(&c, "SELECT count(DISTINCT instance) FROM claims").await, 3, "all three took work");
+}
