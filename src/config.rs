@@ -42,7 +42,12 @@ pub enum Command {
     /// Apply migrations, then run the HTTP API and the workers (the default).
     Serve,
     /// Apply pending migrations and exit.
-    Migrate,
+    Migrate {
+        /// Record every migration as applied without running it, for a schema a DBA applied by hand
+        /// with psql.
+        #[arg(long)]
+        baseline: bool,
+    },
     /// Measure throughput and enqueue-to-start latency on a scratch database.
     Bench(BenchArgs),
 }

@@ -29,8 +29,12 @@ fn main() -> ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Migrate => {
-                let applied = service::migrate(&config, &log).await?;
+            Command::Migrate { baseline } => {
+                let applied = if baseline {
+                    service::migrate_baseline(&config, &log).await?
+                } else {
+                    service::migrate(&config, &log).await?
+                };
                 info!(log, "migrations up to date"; "applied_now" => applied.versions.len());
                 Ok(())
             }

@@ -39,6 +39,12 @@ pub async fn migrate(config: &Config, log: &Logger) -> Result<migrate::Applied, 
     migrate::run(&mut client, log).await
 }
 
+/// Records the migrations as applied without running them (see [`migrate::baseline`]).
+pub async fn migrate_baseline(config: &Config, log: &Logger) -> Result<migrate::Applied, DbError> {
+    let mut client = db::connect(&config.database_url, log).await?;
+    migrate::baseline(&mut client, log).await
+}
+
 /// Builds a service from a [`Config`] and the handlers of the queues it serves.
 pub struct Builder {
     config: Config,

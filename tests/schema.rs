@@ -261,3 +261,31 @@ async fn the_migrated_schema_matches_the_reviewed_snapshot() {
          UPDATE_SCHEMA_SNAPSHOT=1 cargo test --test schema\n--- actual ---\n{actual}"
     );
 }
+
+#[tokio::test]
+async fn a_schema_applied_by_hand_is_taken_over_with_baseline() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // Start from nothing, then do what a DBA would: run each file with psql, in order.
+    c.batch_execute(
+        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
+         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
+    )
+    .await
+    .unwrap();
+    let mut p = Proc::jobqueue("baseline-empty", &["migrate", "--baseline"], &db.env());
+    assert_eq!(p.wait(Duration::from_secs(30)).await, Some(1), "refused without a jobs table");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/db/migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in &files {
+        c.batch_execute(&format!("BEGIN; {} COMMIT;", std::fs::read_to_string(f).unwrap())).await.unwrap();
+    }
+    let mut p = Proc::jobqueue("baseline", &["migrate", "--baseline"], &db.env());
+    assert_eq!(p.wait(Duration::from_secs(30)).await, Some(0), "{}", p.stderr());
+    assert_eq!(count(&c, "SELECT count(*) FROM jobqueue_migrations").await, files.len() as i64);
+    // The service now sees an up-to-date schema: plain migrate changes nothing and succeeds.
+    let mut p = Proc::jobqueue("migrate", &["migrate"], &db.env());
+    assert_eq!(p.wait(Duration::from_secs(30)).await, Some(0), "{}", p.stderr());
+    assert!(p.stderr().contains("\"applied_now\":0"), "{}", p.stderr());
+}

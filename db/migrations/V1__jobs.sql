@@ -3,7 +3,9 @@
 -- This file is the schema's documentation as much as its definition. It is
 -- embedded in the `jobqueue` binary and applied by `jobqueue migrate` (or on
 -- `jobqueue serve` start-up) inside a transaction under an advisory lock; a DBA
--- may equally apply it by hand with `psql -1 -f db/migrations/V1__jobs.sql`.
+-- may equally apply it by hand with `psql -1 -f db/migrations/V1__jobs.sql`
+-- (then V2, ...), followed by `jobqueue migrate --baseline`, which records them
+-- as applied so that the service does not try to run them again.
 --
 -- Every column has a default that makes a bare
 --     INSERT INTO jobs (payload) VALUES ('{"to": "a@example.com"}');

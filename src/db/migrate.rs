@@ -40,6 +40,36 @@ pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> 
     Ok(Applied { versions })
 }
 
+/// Records every embedded migration as applied without running it: for a database whose schema a DBA
+/// applied by hand (`psql -1 -f db/migrations/V1__jobs.sql`, ...), so that the service takes it over
+/// instead of trying to create the tables again. Refuses when there is no `jobs` table.
+pub async fn baseline(client: &mut Client, log: &Logger) -> Result<Applied, DbError> {
+    client.batch_execute(queries::MIGRATION_LOCK).await?;
+    let result = async {
+        if !queries::jobs_table_exists(&*client).await? {
+            return Err(DbError::Migration(
+                "no jobs table here: --baseline is for a schema applied by hand; run plain `jobqueue migrate`".into(),
+            ));
+        }
+        client.batch_execute(queries::MIGRATION_TABLE_CREATE).await?;
+        let mut versions = Vec::new();
+        for m in migrations::runner().get_migrations() {
+            let version = i32::try_from(m.version()).map_err(|_| DbError::Migration("version out of range".into()))?;
+            if queries::migration_record(&*client, version, m.name(), m.checksum()).await? {
+                let v = format!("V{}__{}", m.version(), m.name());
+                slog::info!(log, "recorded migration as applied by hand"; "migration" => &v);
+                versions.push(v);
+            }
+        }
+        Ok(Applied { versions })
+    }
+    .await;
+    let unlocked = client.batch_execute(queries::MIGRATION_UNLOCK).await;
+    let applied = result?;
+    unlocked?;
+    Ok(applied)
+}
+
 /// refinery's messages, made to say what to do.
 fn describe(e: &refinery::Error) -> String {
     match e.kind() {

@@ -18,6 +18,33 @@ pub const CHANNEL_JOBS: &str = "jobqueue";
 /// Channel on which cancellation of a processing job is announced. Payload: job id.
 pub const CHANNEL_CANCEL: &str = "jobqueue_cancel";
 
+/// The migrations table as refinery creates it, for `jobqueue migrate --baseline`.
+pub const MIGRATION_TABLE_CREATE: &str = "CREATE TABLE IF NOT EXISTS jobqueue_migrations (
+    version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255))";
+
+/// Records a migration as applied (by hand) without running it.
+pub async fn migration_record(
+    client: &impl GenericClient,
+    version: i32,
+    name: &str,
+    checksum: u64,
+) -> Result<bool, DbError> {
+    let applied_on = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let n = client
+        .execute(
+            "INSERT INTO jobqueue_migrations (version, name, applied_on, checksum) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (version) DO NOTHING",
+            &[&version, &name, &applied_on, &checksum.to_string()],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Whether the `jobs` table exists (a schema applied by hand, for the baseline).
+pub async fn jobs_table_exists(client: &impl GenericClient) -> Result<bool, DbError> {
+    Ok(client.query_one("SELECT to_regclass('jobs') IS NOT NULL", &[]).await?.try_get(0)?)
+}
+
 /// Arbitrary constant identifying the migration lock among advisory locks.
 pub const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7215963403311410001)";
 pub const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7215963403311410001)";
