@@ -54,8 +54,7 @@ pub async fn baseline(client: &mut Client, log: &Logger) -> Result<Applied, DbEr
         client.batch_execute(queries::MIGRATION_TABLE_CREATE).await?;
         let mut versions = Vec::new();
         for m in migrations::runner().get_migrations() {
-            let version = i32::try_from(m.version()).map_err(|_| DbError::Migration("version out of range".into()))?;
-            if queries::migration_record(&*client, version, m.name(), m.checksum()).await? {
+            if queries::migration_record(&*client, m.version(), m.name(), m.checksum()).await? {
                 let v = format!("V{}__{}", m.version(), m.name());
                 slog::info!(log, "recorded migration as applied by hand"; "migration" => &v);
                 versions.push(v);
