@@ -522,3 +522,57 @@ async fn three_jobqueue_serve_binaries_claim_each_job_exactly_once() {
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE result <> '\"Job processed successfully\"'").await, 0);
     assert_eq!(count(&c, "SELECT count(DISTINCT instance) FROM claims").await, 3, "all three took work");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_cut_mid_run_loses_nothing() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(EXECUTIONS_DDL).await.unwrap();
+    let env = with(
+        &db.env(),
+        &[("WORKERS", "8"), ("JQ_SLEEP_MS", "5"), ("JOB_LEASE", "2s"), ("MAINTENANCE_INTERVAL", "300ms")],
+    );
+    let _p = Proc::instance("cut", &env);
+    wait_listeners(&c, 1).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 3000) AS i").await.unwrap();
+    // Three times during the run, terminate every connection of the instance: listener, producer,
+    // completer, heartbeat and pool alike.
+    let mut done = 0;
+    for _ in 0..3 {
+        done = eventually(Duration::from_secs(60), "progress since the last cut", || async {
+            let now = count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await;
+            (now >= done + 200).then_some(now)
+        })
+        .await;
+        let cut = count(
+            &c,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await;
+        assert!(cut >= 3, "cut {cut} connections");
+    }
+    wait_count(&c, Duration::from_secs(120), "all 3000 done", "SELECT count(*) FROM jobs WHERE status = 'done'", 3000)
+        .await;
+    // Nothing lost, and no attempt ran twice. (A handler whose own connection was cut fails that
+    // attempt and is retried: a new attempt, which the count per attempt allows.)
+    assert_eq!(count(&c, "SELECT count(DISTINCT job_id) FROM test_executions").await, 3000);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM (SELECT 1 FROM test_executions GROUP BY job_id, attempt HAVING count(*) > 1) t"
+        )
+        .await,
+        0,
+        "an attempt ran twice"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM jobs j WHERE j.attempts <> (SELECT max(attempt) FROM test_executions e WHERE e.job_id = j.id)"
+        )
+        .await,
+        0,
+        "each job finished by its last attempt"
+    );
+}
