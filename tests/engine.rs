@@ -33,6 +33,28 @@ async fn wait_listeners(c: &Client, n: i64) {
     .await;
 }
 
+/// Inserts 10,000 jobs in ten statements of 1000, so that work arrives while the instances are
+/// already busy, and waits until all are done.
+async fn insert_ten_thousand_and_wait(c: &Client) {
+    for chunk in 0..10 {
+        c.execute(
+            "INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i) FROM generate_series($1::int, $1::int + 999) AS i",
+            &[&(chunk * 1000)],
+        )
+        .await
+        .unwrap();
+    }
+    let done = "SELECT count(*) FROM jobs WHERE status = 'done'";
+    wait_count(c, Duration::from_secs(180), "all 10,000 jobs done", done, 10_000).await;
+}
+
+/// Inserts one job with plain SQL and waits until it is done.
+async fn insert_and_wait_done(c: &Client, within: Duration, what: &str) {
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
+    let sql = format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'");
+    wait_count(c, within, what, &sql, 1).await;
+}
+
 fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = env.to_vec();
     for (k, v) in extra {
@@ -50,23 +72,7 @@ async fn ten_thousand_jobs_three_processes_each_done_exactly_once() {
     let _procs: Vec<Proc> = (0..3).map(|i| Proc::instance(&format!("inst-{i}"), &env)).collect();
     wait_listeners(&c, 3).await;
 
-    // Ten statements of 1000, so work arrives while the instances are already busy.
-    for chunk in 0..10 {
-        c.execute(
-            "INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i) FROM generate_series($1::int, $1::int + 999) AS i",
-            &[&(chunk * 1000)],
-        )
-        .await
-        .unwrap();
-    }
-    wait_count(
-        &c,
-        Duration::from_secs(180),
-        "all 10,000 jobs done",
-        "SELECT count(*) FROM jobs WHERE status = 'done'",
-        10_000,
-    )
-    .await;
+    insert_ten_thousand_and_wait(&c).await;
 
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status <> 'done'").await, 0);
     assert_eq!(count(&c, "SELECT count(*) FROM test_executions").await, 10_000, "no job ran twice");
@@ -222,12 +228,7 @@ async fn notifications_wake_workers_and_survive_a_cut_listen_connection() {
     // Let the start-up sweep finish so that it cannot be what picks up the job.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
-    eventually(Duration::from_secs(1), "job done within a second", || async {
-        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
-        (done == 1).then_some(())
-    })
-    .await;
+    insert_and_wait_done(&c, Duration::from_secs(1), "job done within a second").await;
 
     let killed = count(
         &c,
@@ -236,21 +237,11 @@ async fn notifications_wake_workers_and_survive_a_cut_listen_connection() {
     )
     .await;
     assert_eq!(killed, 1);
-    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('2') RETURNING id", &[]).await.unwrap().get(0);
-    eventually(Duration::from_secs(2), "job done within two seconds of the cut", || async {
-        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
-        (done == 1).then_some(())
-    })
-    .await;
+    insert_and_wait_done(&c, Duration::from_secs(2), "job done within two seconds of the cut").await;
     wait_listeners(&c, 1).await;
     // And the new connection is listening, not only the sweep.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('3') RETURNING id", &[]).await.unwrap().get(0);
-    eventually(Duration::from_secs(1), "job done within a second after reconnecting", || async {
-        let done = count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'done'")).await;
-        (done == 1).then_some(())
-    })
-    .await;
+    insert_and_wait_done(&c, Duration::from_secs(1), "job done within a second after reconnecting").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,22 +492,7 @@ async fn three_jobqueue_serve_binaries_claim_each_job_exactly_once() {
         .map(|i| Proc::jobqueue(&format!("serve-{i}"), &["serve", "--instance-id", &format!("serve-{i}")], &env))
         .collect();
     wait_listeners(&c, 3).await;
-    for chunk in 0..10 {
-        c.execute(
-            "INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i) FROM generate_series($1::int, $1::int + 999) AS i",
-            &[&(chunk * 1000)],
-        )
-        .await
-        .unwrap();
-    }
-    wait_count(
-        &c,
-        Duration::from_secs(180),
-        "all 10,000 jobs done",
-        "SELECT count(*) FROM jobs WHERE status = 'done'",
-        10_000,
-    )
-    .await;
+    insert_ten_thousand_and_wait(&c).await;
     assert_eq!(count(&c, "SELECT count(*) FROM claims").await, 10_000, "no job claimed twice");
     assert_eq!(count(&c, "SELECT count(DISTINCT job_id) FROM claims").await, 10_000);
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE result <> '\"Job processed successfully\"'").await, 0);

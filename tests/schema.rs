@@ -41,6 +41,16 @@ async fn drain(
     got
 }
 
+/// Empties a test database of everything the migrations made, so that they run for real.
+async fn drop_schema(c: &tokio_postgres::Client) {
+    c.batch_execute(
+        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
+         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_psql_insert_with_only_a_payload_is_a_complete_pending_job() {
     let db = TestDb::new().await;
@@ -140,12 +150,7 @@ async fn concurrent_migrate_processes_both_succeed_and_a_third_changes_nothing()
     // An empty database (not cloned from the template) so that the migrations really run.
     let db = TestDb::new().await;
     let c = db.client().await;
-    c.batch_execute(
-        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
-                     DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
-    )
-    .await
-    .unwrap();
+    drop_schema(&c).await;
     let env = db.env();
     let mut a = Proc::jobqueue("migrate-a", &["migrate"], &env);
     let mut b = Proc::jobqueue("migrate-b", &["migrate"], &env);
@@ -267,12 +272,7 @@ async fn a_schema_applied_by_hand_is_taken_over_with_baseline() {
     let db = TestDb::new().await;
     let c = db.client().await;
     // Start from nothing, then do what a DBA would: run each file with psql, in order.
-    c.batch_execute(
-        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
-         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
-    )
-    .await
-    .unwrap();
+    drop_schema(&c).await;
     let mut p = Proc::jobqueue("baseline-empty", &["migrate", "--baseline"], &db.env());
     assert_eq!(p.wait(Duration::from_secs(30)).await, Some(1), "refused without a jobs table");
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/db/migrations");
