@@ -109,7 +109,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
         let pool = pool.clone();
         tokio::spawn(async move {
             if let Ok(c) = pool.get().await {
-                let _ = db::queries::job_insert(&*c, &NewJob::new(serde_json::json!({"i": i})).queue(QUEUE)).await;
+                let _ = db::queries::job_insert(&c, &NewJob::new(serde_json::json!({"i": i})).queue(QUEUE)).await;
             }
         });
     }

@@ -251,7 +251,7 @@ async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response
         job.validate().map_err(ApiError::invalid_field)?;
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let (job, is_new) = queries::job_insert(&*client, &job).await?;
+    let (job, is_new) = queries::job_insert(&client, &job).await?;
     Ok(if is_new { created(&job) } else { reply(StatusCode::OK, &job) })
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Row};
 use uuid::Uuid;
 
@@ -132,15 +133,25 @@ SELECT false, j.* FROM jobs j
 WHERE $6::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ins)
   AND j.queue = $1 AND j.unique_key = $6 AND j.status IN ('pending', 'processing')";
 
-pub async fn job_insert(client: &impl GenericClient, job: &NewJob) -> Result<(Job, bool), DbError> {
+/// Inserts one job, or finds the live job holding its `unique_key`; `true` when inserted.
+/// Sent with explicit parameter types (`query_typed`): one round trip, where an unprepared `query`
+/// costs two (prepare, then execute) on the pooled connections of the API.
+pub async fn job_insert(client: &Client, job: &NewJob) -> Result<(Job, bool), DbError> {
     // The existing row is read under the statement's snapshot; if a concurrent transaction inserted it
     // after that snapshot was taken (ON CONFLICT waited for it), the SELECT cannot see it yet. A new
     // statement can, so try again; the same happens if the existing job finished in between.
     for _ in 0..5 {
         let rows = client
-            .query(
+            .query_typed(
                 JOB_INSERT,
-                &[&job.queue, &job.payload, &job.priority, &job.run_at, &job.max_attempts, &job.unique_key],
+                &[
+                    (&job.queue, Type::TEXT),
+                    (&job.payload, Type::JSONB),
+                    (&job.priority, Type::INT4),
+                    (&job.run_at, Type::TIMESTAMPTZ),
+                    (&job.max_attempts, Type::INT4),
+                    (&job.unique_key, Type::TEXT),
+                ],
             )
             .await?;
         if let Some(row) = rows.first() {
