@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+/// Longest delay a retry or snooze may ask for; longer requests are shortened to this.
+pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Most recent errors kept in `jobs.errors`; older ones are dropped first.
 pub const ERROR_HISTORY_CAP: i32 = 20;
 
@@ -171,7 +174,8 @@ impl NewJob {
     }
 }
 
-fn contains_nul(v: &Value) -> bool {
+/// Whether a JSON value holds U+0000 anywhere, which PostgreSQL's jsonb cannot store.
+pub fn contains_nul(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
         Value::Array(a) => a.iter().any(contains_nul),
@@ -234,7 +238,7 @@ impl RetryPolicy {
         let exp = attempt.clamp(1, 32) as u32 - 1;
         let base = self.backoff.saturating_mul(1u32 << exp.min(31)).min(self.backoff_max);
         let spread = 1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0);
-        base.mul_f64(spread.max(0.0))
+        Duration::try_from_secs_f64(base.as_secs_f64() * spread.max(0.0)).unwrap_or(base).min(MAX_DELAY)
     }
 }
 

@@ -458,3 +458,56 @@ async fn stats_count_per_queue_and_status() {
     let row = c.query_one("SELECT pending, done FROM jobqueue_stats WHERE queue = 'a'", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (7, 0));
 }
+
+#[tokio::test]
+async fn odd_input_never_gets_a_5xx() {
+    let db = TestDb::new().await;
+    let api = api_for(&db.url, 1 << 20).await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let bodies: Vec<String> = vec![
+        r#"{"payload": 1, "priority": 1.5}"#.into(),
+        r#"{"payload": 1, "priority": 99999999999999999999}"#.into(),
+        r#"{"payload": 1e400}"#.into(),
+        r#"{"payload": 1, "max_attempts": -1}"#.into(),
+        r#"{"payload": 1, "delay": "100000000000h"}"#.into(),
+        r#"{"payload": 1, "delay": "-5s"}"#.into(),
+        r#"{"payload": 1, "run_at": "9999-12-31T23:59:59Z"}"#.into(),
+        r#"{"payload": 1, "run_at": "0001-01-01T00:00:00Z"}"#.into(),
+        r#"{"payload": 1, "queue": "a\u0000b"}"#.into(),
+        r#"{"payload": 1, "unique_key": ""}"#.into(),
+        r#"{"payload": 1, "queue": ""}"#.into(),
+        format!(r#"{{"payload": 1, "queue": "{}"}}"#, "q".repeat(200)),
+        format!(r#"{{"payload": {deep}}}"#),
+        r#"{"payload": {"\u0000": 1}}"#.into(),
+        r#"{"payload": "\ud800"}"#.into(),
+        "\u{feff}{\"payload\": 1}".into(),
+        "null".into(),
+        "[]".into(),
+        "{}".into(),
+        r#"{"payload": null}"#.into(),
+        r#"{"payload": 1,}"#.into(),
+    ];
+    for body in &bodies {
+        for path in ["/jobs", "/jobs/batch"] {
+            let b = if path == "/jobs/batch" { format!("[{body}]") } else { body.clone() };
+            let r = call(&api, "POST", path, Some(&b)).await;
+            assert!(r.status < 500, "{path} {body:.80} -> {} {:?}", r.status, r.body);
+            if r.status >= 400 {
+                assert!(r.body["error"].is_string() && r.body["message"].is_string(), "{:?}", r.body);
+            }
+        }
+    }
+    // Invalid UTF-8 is malformed JSON, not a crash.
+    let resp = warp::test::request()
+        .method("POST")
+        .path("/jobs")
+        .header("content-type", "application/json")
+        .body(vec![b'{', 0xff, 0xfe, b'}'])
+        .reply(&api)
+        .await;
+    assert_eq!(resp.status(), 400);
+    for path in ["/jobs?limit=99999999999999999999", "/jobs?before=%zz", "/jobs/%00", "/jobs?status=", "/stats?x=1"] {
+        let r = call(&api, "GET", path, None).await;
+        assert!(r.status < 500, "{path} -> {} {:?}", r.status, r.body);
+    }
+}

@@ -552,3 +552,41 @@ async fn every_connection_cut_mid_run_loses_nothing() {
         "each job finished by its last attempt"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_postgres_cannot_store_fails_that_job_only() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let handler = |ctx: JobContext| async move {
+        if ctx.job.payload == serde_json::json!("nul") {
+            Ok::<_, HandlerError>(serde_json::json!({"text": "a\u{0}b"}))
+        } else if ctx.job.payload == serde_json::json!("snooze-forever") && ctx.job.errors == serde_json::json!([]) {
+            Err(HandlerError::snooze(Duration::MAX))
+        } else {
+            Ok(Value::Null)
+        }
+    };
+    let svc = start_with(fast_retry_config(&db, 1), handler).await;
+    c.batch_execute(
+        "INSERT INTO jobs (payload) SELECT '\"fine\"' FROM generate_series(1, 50);
+         INSERT INTO jobs (payload) VALUES ('\"nul\"'), ('\"snooze-forever\"');",
+    )
+    .await
+    .unwrap();
+    wait_count(&c, Duration::from_secs(10), "fine jobs done", "SELECT count(*) FROM jobs WHERE status = 'done'", 50)
+        .await;
+    wait_count(&c, Duration::from_secs(10), "nul job failed", "SELECT count(*) FROM jobs WHERE status = 'failed'", 1)
+        .await;
+    let error: String = c.query_one("SELECT error FROM jobs WHERE status = 'failed'", &[]).await.unwrap().get(0);
+    assert!(error.contains("U+0000"), "{error}");
+    // An absurd snooze is shortened to a year, not an overflow that would fail the batch.
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "snoozed a year",
+        "SELECT count(*) FROM jobs WHERE status = 'pending' AND run_at > now() + interval '360 days'",
+        1,
+    )
+    .await;
+    svc.stop().await;
+}

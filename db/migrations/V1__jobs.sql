@@ -38,6 +38,9 @@ CREATE TABLE jobs (
         CHECK (length(queue) BETWEEN 1 AND 128),
     CONSTRAINT jobs_priority_range
         CHECK (priority BETWEEN -1000 AND 1000),
+    -- 'infinity' would make the timer's arithmetic (run_at - now()) fail.
+    CONSTRAINT jobs_run_at_finite
+        CHECK (isfinite(run_at)),
     CONSTRAINT jobs_attempts_range
         CHECK (attempts >= 0),
     CONSTRAINT jobs_max_attempts_range

@@ -211,8 +211,9 @@ impl JobSpec {
             (None, Some(d)) => {
                 let d = parse_duration(&d)
                     .ok_or_else(|| FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m"))?;
-                let d = chrono::Duration::from_std(d).map_err(|_| FieldError::new("delay", "is too long"))?;
-                Some(Utc::now() + d)
+                let too_long = || FieldError::new("delay", "is too long");
+                let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
+                Some(Utc::now().checked_add_signed(d).ok_or_else(too_long)?)
             }
             (None, None) => None,
         };

@@ -419,7 +419,8 @@ pub async fn job_claim(
     let mut next_due_in = None;
     for row in &rows {
         let due: Option<f64> = row.try_get("next_due_in")?;
-        next_due_in = due.map(|s| Duration::from_secs_f64(s.max(0.0)));
+        // Capped: the producer polls anyway, and a far-future run_at must not overflow a timer.
+        next_due_in = due.filter(|s| s.is_finite()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
         if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
             jobs.push(job_from_row(row)?);
         }

@@ -77,6 +77,24 @@ impl Completer {
             .await;
             match conn.settle(attempt) {
                 Ok(rows) => break rows.into_iter().collect(),
+                Err(e) if !e.is_unavailable() => {
+                    // The database refused a value: one bad outcome must not hold back the rest, or
+                    // be retried forever. Write them one at a time; whatever still fails is left to
+                    // its lease and the rescuer.
+                    warn!(log, "batch of finished jobs refused; writing them one by one"; "err" => %e);
+                    let mut rows = Vec::with_capacity(finishes.len());
+                    for f in &finishes {
+                        let one = timeout(STATEMENT_DEADLINE, async {
+                            queries::job_finish_batch(conn.get().await?, instance, std::slice::from_ref(f)).await
+                        })
+                        .await;
+                        match conn.settle(one) {
+                            Ok(r) => rows.extend(r),
+                            Err(e) => warn!(log, "could not record a finished job"; "job_id" => %f.id, "err" => %e),
+                        }
+                    }
+                    break rows.into_iter().collect();
+                }
                 Err(e) => {
                     warn!(log, "could not record finished jobs; retrying"; "count" => finishes.len(), "err" => %e);
                     tokio::select! {

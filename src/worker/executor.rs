@@ -13,7 +13,7 @@ use super::handler::{HandlerError, JobContext};
 use super::running::StopReason;
 use super::{QueueRuntime, Shared};
 use crate::db::queries::Finish;
-use crate::job::{Job, JobStatus, RetryPolicy};
+use crate::job::{Job, JobStatus, RetryPolicy, MAX_DELAY};
 
 /// How long a cancelled handler may keep running to finish on its own before it is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
@@ -123,17 +123,24 @@ pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> 
         uncount: false,
     };
     let max_attempts = job.max_attempts.unwrap_or(policy.max_attempts);
+    // PostgreSQL stores no U+0000 in text or jsonb; a value it refuses would fail the whole batch.
+    let text = |m: &str| m.replace('\0', "\u{FFFD}");
     Some(match outcome {
+        Outcome::Done(v) if crate::job::contains_nul(v) => Finish {
+            status: JobStatus::Failed,
+            error: Some("handler result cannot be stored: it contains U+0000".into()),
+            ..base
+        },
         Outcome::Done(v) => Finish { status: JobStatus::Done, result: Some(v.clone()), ..base },
         Outcome::Error { message, after } if job.attempts < max_attempts => Finish {
-            error: Some(message.clone()),
-            delay: after.unwrap_or_else(|| policy.backoff_after(job.attempts)),
+            error: Some(text(message)),
+            delay: after.map_or_else(|| policy.backoff_after(job.attempts), |a| a.min(MAX_DELAY)),
             ..base
         },
         Outcome::Error { message, .. } | Outcome::Fail(message) => {
-            Finish { status: JobStatus::Failed, error: Some(message.clone()), ..base }
+            Finish { status: JobStatus::Failed, error: Some(text(message)), ..base }
         }
-        Outcome::Snooze(after) => Finish { delay: *after, uncount: true, ..base },
+        Outcome::Snooze(after) => Finish { delay: (*after).min(MAX_DELAY), uncount: true, ..base },
         Outcome::Cancelled => Finish { status: JobStatus::Cancelled, ..base },
         Outcome::Released => Finish { uncount: true, ..base },
         Outcome::LeaseLost => return None,
@@ -182,6 +189,18 @@ mod tests {
         // Without a per-job value the queue's default applies.
         let f = finish_for(&job(10, None), &err, &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn values_postgres_cannot_store_never_reach_it() {
+        let p = RetryPolicy::default();
+        let f = finish_for(&job(1, Some(1)), &Outcome::Done(json!({"a": "x\u{0}"})), &p).unwrap();
+        assert_eq!(f.status, JobStatus::Failed);
+        assert!(f.result.is_none());
+        let f = finish_for(&job(1, Some(1)), &Outcome::Fail("bad\u{0}byte".into()), &p).unwrap();
+        assert_eq!(f.error.as_deref(), Some("bad\u{FFFD}byte"));
+        let f = finish_for(&job(1, Some(1)), &Outcome::Snooze(Duration::MAX), &p).unwrap();
+        assert_eq!(f.delay, MAX_DELAY);
     }
 
     #[test]
