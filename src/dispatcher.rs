@@ -20,7 +20,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::queries::{CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::db::queries::{self, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::db::DbError;
 use crate::worker::running::{Running, StopReason};
 
@@ -85,7 +85,7 @@ impl Dispatcher {
         });
         let _abort_driver = AbortOnDrop(driver.abort_handle());
 
-        client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};")).await?;
+        queries::channels_listen(&client).await?;
         info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}"));
         // Anything inserted while we were not listening announced itself to no one: sweep once.
         for wake in self.wakes.values() {
@@ -106,9 +106,9 @@ impl Dispatcher {
                     }
                 },
                 _ = ping.tick() => {
-                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(e.into()),
+                    match tokio::time::timeout(Duration::from_secs(5), queries::connection_ping(&client)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(e),
                         Err(_) => return Err(DbError::Pool("listen connection did not answer a ping".into())),
                     }
                 }

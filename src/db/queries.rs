@@ -19,6 +19,17 @@ pub const CHANNEL_JOBS: &str = "jobqueue";
 /// Channel on which cancellation of a processing job is announced. Payload: job id.
 pub const CHANNEL_CANCEL: &str = "jobqueue_cancel";
 
+/// Subscribes the dispatcher's connection to both channels.
+pub async fn channels_listen(client: &Client) -> Result<(), DbError> {
+    Ok(client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};")).await?)
+}
+
+/// A round trip on a connection that may hold no transaction and prepare nothing (the listener's).
+pub async fn connection_ping(client: &Client) -> Result<(), DbError> {
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
 /// The migrations table as refinery creates it, for `jobqueue migrate --baseline`.
 pub const MIGRATION_TABLE_CREATE: &str = "CREATE TABLE IF NOT EXISTS jobqueue_migrations (
     version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255))";
