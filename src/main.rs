@@ -66,9 +66,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(log, "jobqueue failed"; "err" => format!("{e:#}"));
+            error!(log, "jobqueue failed"; "err" => e.to_string());
             drop(_log_guard);
-            eprintln!("jobqueue: {e:#}");
+            eprintln!("jobqueue: {e}");
             ExitCode::FAILURE
         }
     }

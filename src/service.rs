@@ -32,11 +32,30 @@ pub enum StartError {
 /// How often waiters of `GET /jobs/{id}?wait=` look for jobs finished by other instances.
 const WAITER_POLL: Duration = Duration::from_millis(200);
 
-/// Creates the database if needed and applies pending migrations.
+/// How long start-up waits for an unreachable database (one starting alongside the service, as in
+/// docker compose or after a host reboot) before giving up.
+const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates the database if needed and applies pending migrations, waiting up to 30 s for a database
+/// that does not answer yet. Errors the database returns (bad password, edited migration) fail at once.
 pub async fn migrate(config: &Config, log: &Logger) -> Result<migrate::Applied, DbError> {
-    db::ensure_database(&config.database_url, log).await?;
-    let mut client = db::connect(&config.database_url, log).await?;
-    migrate::run(&mut client, log).await
+    let deadline = tokio::time::Instant::now() + STARTUP_DB_WAIT;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            db::ensure_database(&config.database_url, log).await?;
+            let mut client = db::connect(&config.database_url, log).await?;
+            migrate::run(&mut client, log).await
+        };
+        match attempt.await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() + backoff < deadline => {
+                warn!(log, "database not reachable yet; retrying"; "err" => %e, "retry_in_ms" => backoff.as_millis() as u64);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Records the migrations as applied without running them (see [`migrate::baseline`]).

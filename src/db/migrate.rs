@@ -84,6 +84,11 @@ fn describe(e: &refinery::Error) -> String {
             applied.version(),
             applied.name()
         ),
+        // A statement of the migration failed: say which and why, not just "db error".
+        refinery::error::Kind::Connection(what, source) => match source.downcast_ref::<tokio_postgres::Error>() {
+            Some(pg) => format!("{what}: {}", super::describe(pg)),
+            None => format!("{what}: {source}"),
+        },
         _ => e.to_string(),
     }
 }

@@ -20,7 +20,7 @@ pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("database error: {0:?}")]
+    #[error("database error: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("no database connection available: {0}")]
     Pool(String),
@@ -85,6 +85,24 @@ impl DbError {
             }
             _ => false,
         }
+    }
+}
+
+/// A tokio-postgres error in one line. Its `Display` alone says only "db error" for errors the server
+/// sent, so spell out SQLSTATE, message and detail; for client-side errors add the cause.
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                s.push_str(&format!(" ({detail})"));
+            }
+            s
+        }
+        None => match std::error::Error::source(e) {
+            Some(cause) if !e.to_string().contains(&cause.to_string()) => format!("{e}: {cause}"),
+            _ => e.to_string(),
+        },
     }
 }
 
