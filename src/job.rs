@@ -10,9 +10,6 @@ use uuid::Uuid;
 /// Longest delay a retry or snooze may ask for; longer requests are shortened to this.
 pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Most recent errors kept in `jobs.errors`; older ones are dropped first.
-pub const ERROR_HISTORY_CAP: i32 = 20;
-
 /// Limits enforced by named CHECK constraints in `db/migrations`; validated here first so that the
 /// API can name the offending field.
 pub const PRIORITY_RANGE: (i32, i32) = (-1000, 1000);

@@ -358,6 +358,19 @@ pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
     Ok(())
 }
 
+/// `j.errors` with `{attempt, at, error}` appended for the current attempt, keeping the newest 20. The
+/// one definition of the error history, for every statement that records an error.
+macro_rules! errors_appended {
+    ($error:literal) => {
+        concat!(
+            "(CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
+                || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'at', now(), 'error', ",
+            $error,
+            "))"
+        )
+    };
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Engine: claim, finish, heartbeat (hot path, prepared), release, rescue, retention
 // ---------------------------------------------------------------------------------------------------
@@ -465,17 +478,17 @@ pub struct Finish {
 /// The fence includes the attempt number, so an outcome from an earlier attempt of the same job (lease
 /// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
 /// ran ends cancelled rather than going back to pending for a retry, snooze or release.
-const JOB_FINISH_BATCH: &str = "
+const JOB_FINISH_BATCH: &str = concat!(
+    "
 UPDATE jobs j
 SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
                   ELSE r.status END,
     result = r.result,
     updated_at = now(),
     error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
-    errors = CASE WHEN r.error IS NULL THEN j.errors
-                  ELSE (CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
-                       || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'at', now(), 'error', r.error))
-             END,
+    errors = CASE WHEN r.error IS NULL THEN j.errors ELSE ",
+    errors_appended!("r.error"),
+    " END,
     run_at = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NULL
                   THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
     attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
@@ -485,7 +498,8 @@ SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NUL
 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
      AS r(id, status, result, error, delay, uncount, attempt)
 WHERE j.id = r.id AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
-RETURNING j.id, j.status";
+RETURNING j.id, j.status"
+);
 
 /// Returns the ids that were written, with the status each got (a retry of a job whose cancellation
 /// was requested is written as cancelled); the others had lost their lease.
@@ -551,9 +565,11 @@ pub struct Rescued {
 /// Returns jobs whose lease expired (their worker died or hung without heartbeats) to pending, or to
 /// failed once their attempts are used up, or to cancelled if cancellation had been requested. One
 /// `SKIP LOCKED` statement, so any number of instances can run it at once.
-const JOB_RESCUE_EXPIRED: &str = "
+const JOB_RESCUE_EXPIRED: &str = concat!(
+    "
 WITH expired AS (
     SELECT id, locked_by AS lost_by,
+           'worker lost: the lease held by ' || locked_by || ' expired' AS lost_error,
            CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
                 WHEN attempts >= coalesce(max_attempts, $2) THEN 'failed'
                 ELSE 'pending' END AS new_status
@@ -566,20 +582,17 @@ WITH expired AS (
 UPDATE jobs j
 SET status = e.new_status,
     updated_at = now(),
-    error = CASE WHEN e.new_status = 'cancelled' THEN j.error
-                 ELSE 'worker lost: the lease held by ' || e.lost_by || ' expired' END,
-    errors = CASE WHEN e.new_status = 'cancelled' THEN j.errors
-                  ELSE (CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
-                       || jsonb_build_array(jsonb_build_object(
-                              'attempt', j.attempts, 'at', now(),
-                              'error', 'worker lost: the lease held by ' || e.lost_by || ' expired'))
-             END,
+    error = CASE WHEN e.new_status = 'cancelled' THEN j.error ELSE e.lost_error END,
+    errors = CASE WHEN e.new_status = 'cancelled' THEN j.errors ELSE ",
+    errors_appended!("e.lost_error"),
+    " END,
     locked_by = NULL,
     locked_until = NULL,
     finished_at = CASE WHEN e.new_status = 'pending' THEN NULL ELSE now() END
 FROM expired e
 WHERE j.id = e.id
-RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by";
+RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by"
+);
 
 pub async fn job_rescue_expired(
     client: &impl GenericClient,
