@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use slog::{info, warn, Logger};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::executor::{finish_for, Finished, Outcome};
+use super::executor::{finish_for, Attempt, Finished, Outcome};
 use super::Shared;
 use crate::db::queries::{self, Finish};
 use crate::db::{ConnSlot, STATEMENT_DEADLINE};
@@ -55,15 +55,23 @@ impl Completer {
     /// Writes one batch; returns how many jobs it released back to pending (shutdown).
     async fn write(&self, conn: &mut ConnSlot, batch: Vec<Finished>, log: &Logger) -> usize {
         let default_policy = RetryPolicy::default();
-        let writes: Vec<(usize, Finish)> = batch
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| {
-                let policy = self.policies.get(&f.job.queue).unwrap_or(&default_policy);
-                finish_for(&f.job, &f.outcome, policy).map(|w| (i, w))
-            })
-            .collect();
-        let finishes: Vec<Finish> = writes.iter().map(|(_, w)| w.clone()).collect();
+        // Every attempt of the batch leaves the running set once this write is over, written or not.
+        let ended: Vec<(Uuid, i32)> = batch.iter().map(|f| (f.attempt.id, f.attempt.number)).collect();
+        // The rows to write, and beside each what the log and the wake-ups need afterwards.
+        let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
+        let mut about: Vec<(Attempt, Instant, bool)> = Vec::with_capacity(batch.len());
+        for f in batch {
+            let released = f.outcome == Outcome::Released;
+            let policy = self.policies.get(&f.attempt.queue).unwrap_or(&default_policy);
+            match finish_for(&f.attempt, f.outcome, policy) {
+                Some(w) => {
+                    finishes.push(w);
+                    about.push((f.attempt, f.started, released));
+                }
+                None => warn!(log, "lease lost while the handler ran; result dropped";
+                              "job_id" => %f.attempt.id, "queue" => &f.attempt.queue, "attempt" => f.attempt.number),
+            }
+        }
 
         let mut backoff = Duration::from_millis(50);
         let written: HashMap<Uuid, JobStatus> = loop {
@@ -102,7 +110,7 @@ impl Completer {
                         _ = self.give_up.cancelled() => {
                             warn!(log, "gave up recording finished jobs; their leases will expire";
                                   "count" => finishes.len());
-                            self.shared.running.remove(batch.iter().map(|f| (f.job.id, f.job.attempts)));
+                            self.shared.running.remove(ended);
                             return 0;
                         }
                     }
@@ -115,36 +123,29 @@ impl Completer {
         let mut finished_ids = Vec::new();
         let mut released_queues = BTreeSet::new();
         let mut released = 0;
-        for (i, w) in &writes {
-            let f = &batch[*i];
-            let ms = f.started.elapsed().as_millis() as u64;
+        for (w, (a, started, was_released)) in finishes.iter().zip(about) {
+            let ms = started.elapsed().as_millis() as u64;
             let Some(status) = written.get(&w.id).copied() else {
                 warn!(log, "lease lost before the outcome was written; result dropped";
-                      "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts, "duration_ms" => ms);
+                      "job_id" => %w.id, "queue" => &a.queue, "attempt" => a.number, "duration_ms" => ms);
                 continue;
             };
-            let was_released = f.outcome == Outcome::Released && status == JobStatus::Pending;
+            let was_released = was_released && status == JobStatus::Pending;
             info!(log, "job finished";
-                  "job_id" => %w.id, "queue" => &f.job.queue, "attempt" => f.job.attempts,
+                  "job_id" => %w.id, "queue" => &a.queue, "attempt" => a.number,
                   "status" => if was_released { "released" } else { status.as_str() },
                   "duration_ms" => ms, "err" => w.error.as_deref().unwrap_or(""));
             if status.is_finished() {
                 finished_ids.push(w.id);
             } else if was_released {
                 released += 1;
-                released_queues.insert(f.job.queue.clone());
+                released_queues.insert(a.queue);
             } else {
                 // A retry or snooze: the producer re-arms its timer for the new run_at.
-                to_wake.insert(f.job.queue.clone());
+                to_wake.insert(a.queue);
             }
         }
-        for f in &batch {
-            if f.outcome == Outcome::LeaseLost {
-                warn!(log, "lease lost while the handler ran; result dropped";
-                      "job_id" => %f.job.id, "queue" => &f.job.queue, "attempt" => f.job.attempts);
-            }
-        }
-        self.shared.running.remove(batch.iter().map(|f| (f.job.id, f.job.attempts)));
+        self.shared.running.remove(ended);
         self.waiters.finished(&finished_ids);
         for q in &to_wake {
             if let Some(w) = self.wakes.get(q) {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use uuid::Uuid;
 
 use super::handler::{HandlerError, JobContext};
 use super::running::StopReason;
@@ -37,23 +38,40 @@ pub(crate) enum Outcome {
     Released,
 }
 
+/// What the completer needs of a claimed job; the job itself (payload and all) goes to the handler.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Attempt {
+    pub id: Uuid,
+    pub queue: String,
+    /// `attempts` as claimed: this attempt's number.
+    pub number: i32,
+    pub max_attempts: Option<i32>,
+}
+
+impl Attempt {
+    fn of(job: &Job) -> Attempt {
+        Attempt { id: job.id, queue: job.queue.clone(), number: job.attempts, max_attempts: job.max_attempts }
+    }
+}
+
 /// One finished attempt on its way to the completer.
 pub(crate) struct Finished {
-    pub job: Job,
+    pub attempt: Attempt,
     pub outcome: Outcome,
     pub started: Instant,
 }
 
 pub(crate) async fn execute(
     job: Job,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     queue: Arc<QueueRuntime>,
     shared: Arc<Shared>,
     done: mpsc::UnboundedSender<Finished>,
 ) {
     let started = Instant::now();
-    let entry = shared.running.insert(job.id, job.attempts);
-    let ctx = JobContext::new(job.clone(), entry.token.clone());
+    let attempt = Attempt::of(&job);
+    let entry = shared.running.insert(attempt.id, attempt.number);
+    let ctx = JobContext::new(job, entry.token.clone());
     let outcome = {
         // Creating the future may itself panic; so may polling it.
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| queue.handler.handle(ctx)));
@@ -96,9 +114,9 @@ pub(crate) async fn execute(
     };
     // The permit goes back now (not when the outcome is written) so the producer can claim the next
     // job while the completer batches this one.
-    drop(_permit);
+    drop(permit);
     // The completer only goes away after every sender has; a failed send means the process is exiting.
-    let _ = done.send(Finished { job, outcome, started });
+    let _ = done.send(Finished { attempt, outcome, started });
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
@@ -110,37 +128,37 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     format!("handler panicked: {detail}")
 }
 
-/// What to write for an outcome, given the job as claimed and its queue's retry policy. `None` for a
-/// lost lease: that attempt's result belongs to no one.
-pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> Option<Finish> {
+/// What to write for an outcome, given the attempt and its queue's retry policy. `None` for a lost
+/// lease: that attempt's result belongs to no one.
+pub(crate) fn finish_for(attempt: &Attempt, outcome: Outcome, policy: &RetryPolicy) -> Option<Finish> {
     let base = Finish {
-        id: job.id,
-        attempt: job.attempts,
+        id: attempt.id,
+        attempt: attempt.number,
         status: JobStatus::Pending,
         result: None,
         error: None,
         delay: Duration::ZERO,
         uncount: false,
     };
-    let max_attempts = job.max_attempts.unwrap_or(policy.max_attempts);
+    let max_attempts = attempt.max_attempts.unwrap_or(policy.max_attempts);
     // PostgreSQL stores no U+0000 in text or jsonb; a value it refuses would fail the whole batch.
     let text = |m: &str| m.replace('\0', "\u{FFFD}");
     Some(match outcome {
-        Outcome::Done(v) if crate::job::contains_nul(v) => Finish {
+        Outcome::Done(v) if crate::job::contains_nul(&v) => Finish {
             status: JobStatus::Failed,
             error: Some("handler result cannot be stored: it contains U+0000".into()),
             ..base
         },
-        Outcome::Done(v) => Finish { status: JobStatus::Done, result: Some(v.clone()), ..base },
-        Outcome::Error { message, after } if job.attempts < max_attempts => Finish {
-            error: Some(text(message)),
-            delay: after.map_or_else(|| policy.backoff_after(job.attempts), |a| a.min(MAX_DELAY)),
+        Outcome::Done(v) => Finish { status: JobStatus::Done, result: Some(v), ..base },
+        Outcome::Error { message, after } if attempt.number < max_attempts => Finish {
+            error: Some(text(&message)),
+            delay: after.map_or_else(|| policy.backoff_after(attempt.number), |a| a.min(MAX_DELAY)),
             ..base
         },
         Outcome::Error { message, .. } | Outcome::Fail(message) => {
-            Finish { status: JobStatus::Failed, error: Some(text(message)), ..base }
+            Finish { status: JobStatus::Failed, error: Some(text(&message)), ..base }
         }
-        Outcome::Snooze(after) => Finish { delay: (*after).min(MAX_DELAY), uncount: true, ..base },
+        Outcome::Snooze(after) => Finish { delay: after.min(MAX_DELAY), uncount: true, ..base },
         Outcome::Cancelled => Finish { status: JobStatus::Cancelled, ..base },
         Outcome::Released => Finish { uncount: true, ..base },
         Outcome::LeaseLost => return None,
@@ -150,68 +168,46 @@ pub(crate) fn finish_for(job: &Job, outcome: &Outcome, policy: &RetryPolicy) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
     use serde_json::json;
-    use uuid::Uuid;
 
-    fn job(attempts: i32, max_attempts: Option<i32>) -> Job {
-        let now = Utc::now();
-        Job {
-            id: Uuid::new_v4(),
-            queue: "default".into(),
-            payload: json!({}),
-            status: JobStatus::Processing,
-            result: None,
-            error: None,
-            errors: json!([]),
-            priority: 0,
-            run_at: now,
-            attempts,
-            max_attempts,
-            unique_key: None,
-            locked_by: Some("me".into()),
-            locked_until: Some(now),
-            cancel_requested_at: None,
-            created_at: now,
-            updated_at: now,
-            finished_at: None,
-        }
+    fn job(number: i32, max_attempts: Option<i32>) -> Attempt {
+        Attempt { id: Uuid::new_v4(), queue: "default".into(), number, max_attempts }
     }
 
     #[test]
     fn errors_retry_until_attempts_run_out() {
         let p = RetryPolicy { jitter: 0.0, backoff: Duration::from_secs(1), ..RetryPolicy::default() };
         let err = Outcome::Error { message: "boom".into(), after: None };
-        let f = finish_for(&job(2, Some(3)), &err, &p).unwrap();
+        let f = finish_for(&job(2, Some(3)), err.clone(), &p).unwrap();
         assert_eq!((f.status, f.delay, f.error.as_deref()), (JobStatus::Pending, Duration::from_secs(2), Some("boom")));
-        let f = finish_for(&job(3, Some(3)), &err, &p).unwrap();
+        let f = finish_for(&job(3, Some(3)), err.clone(), &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
         // Without a per-job value the queue's default applies.
-        let f = finish_for(&job(10, None), &err, &p).unwrap();
+        let f = finish_for(&job(10, None), err, &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
     }
 
     #[test]
     fn values_postgres_cannot_store_never_reach_it() {
         let p = RetryPolicy::default();
-        let f = finish_for(&job(1, Some(1)), &Outcome::Done(json!({"a": "x\u{0}"})), &p).unwrap();
+        let f = finish_for(&job(1, Some(1)), Outcome::Done(json!({"a": "x\u{0}"})), &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
         assert!(f.result.is_none());
-        let f = finish_for(&job(1, Some(1)), &Outcome::Fail("bad\u{0}byte".into()), &p).unwrap();
+        let f = finish_for(&job(1, Some(1)), Outcome::Fail("bad\u{0}byte".into()), &p).unwrap();
         assert_eq!(f.error.as_deref(), Some("bad\u{FFFD}byte"));
-        let f = finish_for(&job(1, Some(1)), &Outcome::Snooze(Duration::MAX), &p).unwrap();
+        let f = finish_for(&job(1, Some(1)), Outcome::Snooze(Duration::MAX), &p).unwrap();
         assert_eq!(f.delay, MAX_DELAY);
     }
 
     #[test]
     fn snooze_and_release_do_not_count() {
         let p = RetryPolicy::default();
-        let f = finish_for(&job(1, Some(1)), &Outcome::Snooze(Duration::from_secs(5)), &p).unwrap();
+        let f = finish_for(&job(1, Some(1)), Outcome::Snooze(Duration::from_secs(5)), &p).unwrap();
         assert_eq!((f.status, f.uncount, f.delay), (JobStatus::Pending, true, Duration::from_secs(5)));
-        let f = finish_for(&job(1, Some(1)), &Outcome::Released, &p).unwrap();
+        let f = finish_for(&job(1, Some(1)), Outcome::Released, &p).unwrap();
         assert_eq!((f.status, f.uncount), (JobStatus::Pending, true));
-        assert!(finish_for(&job(1, None), &Outcome::LeaseLost, &p).is_none());
-        let f = finish_for(&job(1, Some(5)), &Outcome::Fail("bad input".into()), &p).unwrap();
+        assert!(finish_for(&job(1, None), Outcome::LeaseLost, &p).is_none());
+        let f = finish_for(&job(1, Some(5)), Outcome::Fail("bad input".into()), &p).unwrap();
         assert_eq!(f.status, JobStatus::Failed);
     }
 }
