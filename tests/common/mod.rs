@@ -71,8 +71,12 @@ async fn template() -> String {
                 admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
                 let config = Config { database_url: url_for(&building), ..Config::default() };
                 jobqueue::service::migrate(&config, &jobqueue::logging::discard()).await.expect("migrate template");
-                // Let the migration connection go before the database is renamed and copied.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The migration's connection closes in the background; rename once it has gone.
+                let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{building}'");
+                eventually(Duration::from_secs(10), "migration connection closed", || async {
+                    (count(&admin, &sessions).await == 0).then_some(())
+                })
+                .await;
                 admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
                 // Templates of older migrations are of no further use.
                 let old = admin
