@@ -62,6 +62,7 @@ pub fn routes(
             let state = state.clone();
             async move {
                 let started = Instant::now();
+                let query = serde_urlencoded::from_str(&query).map_err(|e| e.to_string());
                 let req = Request { method, path: path.as_str().to_string(), query, headers };
                 let resp = match route(&state, &req, body).await {
                     Ok(resp) => resp,
@@ -78,15 +79,16 @@ pub fn routes(
 struct Request {
     method: Method,
     path: String,
-    query: String,
+    /// The query string's pairs, parsed once; an error is reported only to a route that reads it.
+    query: Result<Vec<(String, String)>, String>,
     headers: HeaderMap,
 }
 
 impl Request {
+    /// The last value given for `name`.
     fn param(&self, name: &str) -> Result<Option<String>, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
-            .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
-        Ok(pairs.into_iter().rev().find(|(k, _)| k == name).map(|(_, v)| v))
+        let pairs = self.query.as_ref().map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+        Ok(pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
 }
 
