@@ -114,6 +114,9 @@ pub struct Settings {
     /// Size of the connection pool used by the API and maintenance.
     #[arg(long, env = "DB_POOL_SIZE", global = true)]
     pub db_pool_size: Option<String>,
+    /// Deadline of one database statement (statement_timeout), e.g. 10s.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", global = true)]
+    pub db_statement_timeout: Option<String>,
     /// Default attempts per job when neither the job nor its queue says.
     #[arg(long, env = "MAX_ATTEMPTS", global = true)]
     pub max_attempts: Option<String>,
@@ -173,6 +176,9 @@ pub struct Config {
     pub job_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub db_pool_size: u32,
+    /// Server-side deadline of every statement but migrations (`statement_timeout`); the client gives
+    /// up a few seconds later. An API request waiting longer (for a lock a DBA holds, say) gets a 503.
+    pub statement_timeout: Duration,
     /// `None` disables deletion of that status.
     pub retention: Retention,
     pub maintenance_interval: Duration,
@@ -217,6 +223,7 @@ impl Default for Config {
             job_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             db_pool_size: 10,
+            statement_timeout: Duration::from_secs(10),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),
@@ -332,6 +339,8 @@ impl Settings {
         let maintenance_interval =
             duration("MAINTENANCE_INTERVAL", &self.maintenance_interval, d.maintenance_interval, ms(100))?;
         let db_pool_size = number("DB_POOL_SIZE", &self.db_pool_size, d.db_pool_size, 1, 1000)?;
+        let statement_timeout =
+            duration("DB_STATEMENT_TIMEOUT", &self.db_statement_timeout, d.statement_timeout, ms(100))?;
 
         let rd = RetryPolicy::default();
         let retry = RetryPolicy {
@@ -379,6 +388,7 @@ impl Settings {
             job_timeout,
             shutdown_timeout,
             db_pool_size,
+            statement_timeout,
             retention,
             maintenance_interval,
             instance_id,
