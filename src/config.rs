@@ -114,6 +114,21 @@ pub struct Settings {
     /// Size of the connection pool used by the API and maintenance.
     #[arg(long, env = "DB_POOL_SIZE", global = true)]
     pub db_pool_size: Option<String>,
+    /// Longest wait for a pooled database connection before a request gets a 503.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", global = true)]
+    pub db_acquire_timeout: Option<String>,
+    /// Most HTTP connections open at once.
+    #[arg(long, env = "MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<String>,
+    /// Time a client has to send a request's headers (and most an idle keep-alive connection is kept).
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", global = true)]
+    pub http_header_timeout: Option<String>,
+    /// Time a client has to send a request's body.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", global = true)]
+    pub http_body_timeout: Option<String>,
+    /// Most requests waiting at once with ?wait= (or long-polling).
+    #[arg(long, env = "MAX_WAITERS", global = true)]
+    pub max_waiters: Option<String>,
     /// Deadline of one database statement (statement_timeout), e.g. 10s.
     #[arg(long, env = "DB_STATEMENT_TIMEOUT", global = true)]
     pub db_statement_timeout: Option<String>,
@@ -179,10 +194,52 @@ pub struct Config {
     /// Server-side deadline of every statement but migrations (`statement_timeout`); the client gives
     /// up a few seconds later. An API request waiting longer (for a lock a DBA holds, say) gets a 503.
     pub statement_timeout: Duration,
+    /// Longest wait for a pooled connection; a request that waits longer gets a 503.
+    pub db_acquire_timeout: Duration,
+    pub http: HttpLimits,
     /// `None` disables deletion of that status.
     pub retention: Retention,
     pub maintenance_interval: Duration,
     pub instance_id: String,
+}
+
+/// Bounds on what HTTP clients may hold of an instance: every connection, every wait, every byte has a
+/// limit, so that slow or hostile clients cannot exhaust memory, file descriptors or connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpLimits {
+    /// Connections open at once (`MAX_CONNECTIONS`); one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Time to send a request's headers; also how long an idle keep-alive connection is kept.
+    pub header_timeout: Duration,
+    /// Time to send a request's body.
+    pub body_timeout: Duration,
+    /// Requests waiting at once with `?wait=` (and remote long-polls); one more gets a 503.
+    pub max_waiters: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: default_max_connections(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_waiters: 1000,
+        }
+    }
+}
+
+/// Three quarters of the open-file limit (the rest is for database connections and files), at most
+/// 10,000: a connection limit above the descriptor limit would fail with "too many open files"
+/// instead of a clean 503.
+fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            let line = l.lines().find(|l| l.starts_with("Max open files"))?.to_string();
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / 4 * 3).clamp(64, 10_000)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,6 +281,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             db_pool_size: 10,
             statement_timeout: Duration::from_secs(10),
+            db_acquire_timeout: Duration::from_secs(5),
+            http: HttpLimits::default(),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),
@@ -341,6 +400,14 @@ impl Settings {
         let db_pool_size = number("DB_POOL_SIZE", &self.db_pool_size, d.db_pool_size, 1, 1000)?;
         let statement_timeout =
             duration("DB_STATEMENT_TIMEOUT", &self.db_statement_timeout, d.statement_timeout, ms(100))?;
+        let db_acquire_timeout =
+            duration("DB_ACQUIRE_TIMEOUT", &self.db_acquire_timeout, d.db_acquire_timeout, ms(10))?;
+        let http = HttpLimits {
+            max_connections: number("MAX_CONNECTIONS", &self.max_connections, d.http.max_connections, 1, 1_000_000)?,
+            header_timeout: duration("HTTP_HEADER_TIMEOUT", &self.http_header_timeout, d.http.header_timeout, ms(100))?,
+            body_timeout: duration("HTTP_BODY_TIMEOUT", &self.http_body_timeout, d.http.body_timeout, ms(100))?,
+            max_waiters: number("MAX_WAITERS", &self.max_waiters, d.http.max_waiters, 0, 1_000_000)?,
+        };
 
         let rd = RetryPolicy::default();
         let retry = RetryPolicy {
@@ -389,6 +456,8 @@ impl Settings {
             shutdown_timeout,
             db_pool_size,
             statement_timeout,
+            db_acquire_timeout,
+            http,
             retention,
             maintenance_interval,
             instance_id,

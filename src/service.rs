@@ -38,9 +38,6 @@ const WAITER_POLL: Duration = Duration::from_millis(200);
 /// docker compose or after a host reboot) before giving up.
 const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
 
-/// How long a pooled connection may be waited for before the request gets a 503.
-const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Creates the database if needed and applies pending migrations, waiting up to 30 s for a database
 /// that does not answer yet. Anything else (a wrong password, TLS the server requires, an edited
 /// migration) fails at once: waiting cannot fix it.
@@ -119,9 +116,9 @@ impl Builder {
         let log = log.new(slog::o!("instance" => config.instance_id.clone()));
         migrate(&config, &log).await?;
         let connector = Arc::new(Connector::new(&config.database_url, config.statement_timeout)?);
-        let pool = connector.pool(config.db_pool_size, POOL_ACQUIRE_TIMEOUT);
+        let pool = connector.pool(config.db_pool_size, config.db_acquire_timeout);
         let running = Arc::new(Running::default());
-        let waiters = Arc::new(Waiters::default());
+        let waiters = Arc::new(Waiters::new(config.http.max_waiters));
         let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
 
@@ -182,14 +179,20 @@ impl Builder {
                 waiters: waiters.clone(),
                 health: health.clone(),
                 max_body_bytes: config.max_body_bytes,
-                request_deadline: connector.deadline(),
+                request_deadline: config.db_acquire_timeout + connector.deadline(),
+                body_timeout: config.http.body_timeout,
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
             });
-            let limits =
-                api::server::Limits { drain: config.shutdown_timeout + Duration::from_secs(1), ..Default::default() };
-            supervisor
-                .spawn("api", api::server::serve(listener, api::routes(state), limits, shutdown.clone(), log.clone()));
+            let serve = api::server::serve(
+                listener,
+                api::routes(state),
+                config.http.clone(),
+                config.shutdown_timeout + Duration::from_secs(1),
+                shutdown.clone(),
+                log.clone(),
+            );
+            supervisor.spawn("api", serve);
             info!(log, "listening"; "addr" => %local);
             addr = Some(local);
         }

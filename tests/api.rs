@@ -34,6 +34,7 @@ async fn api_with(
         health,
         max_body_bytes: max_body,
         request_deadline: Duration::from_secs(20),
+        body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
     }))
@@ -621,6 +622,7 @@ async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
         health: Arc::new(Health::running()),
         max_body_bytes: 1 << 20,
         request_deadline: Duration::from_secs(3),
+        body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
     }));

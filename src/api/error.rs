@@ -26,6 +26,8 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// The client broke off the request (its body never arrived whole).
     pub client_gone: bool,
+    /// Answer with `Connection: close`: the rest of what the client sent cannot be trusted or read.
+    pub close: bool,
 }
 
 impl ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
             internal: None,
             retry_after: None,
             client_gone: false,
+            close: false,
         }
     }
 
@@ -73,6 +76,21 @@ impl ApiError {
 
     pub fn payload_too_large(limit: u64) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body exceeds {limit} bytes"))
+            .close_connection()
+    }
+
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {}", humantime::format_duration(limit)),
+        )
+        .close_connection()
+    }
+
+    pub fn close_connection(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn unsupported_media_type(got: &str) -> Self {
@@ -119,6 +137,9 @@ impl ApiError {
         let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(allow) = self.allow {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.close {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -49,6 +49,8 @@ pub struct ApiState {
     /// Longest a request may spend on the database (waiting for a pooled connection included); past
     /// it the answer is a 503. The server cancels the statement itself at its `statement_timeout`.
     pub request_deadline: Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: Duration,
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
     pub log: Logger,
@@ -195,28 +197,61 @@ where
     }
     let limit = state.max_body_bytes;
     let declared = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::payload_too_large(limit));
-    }
     let mut body = std::pin::pin!(body);
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(state, body.as_mut(), 0).await);
+    }
     let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::client_gone(format!("could not read the request body: {e}")))?;
-        if (buf.len() + chunk.remaining()) as u64 > limit {
-            return Err(ApiError::payload_too_large(limit));
+    let read = tokio::time::timeout(state.body_timeout, async {
+        while let Some(chunk) = body.next().await {
+            let mut chunk =
+                chunk.map_err(|e| ApiError::client_gone(format!("could not read the request body: {e}")))?;
+            if (buf.len() + chunk.remaining()) as u64 > limit {
+                return Err(too_large(state, body.as_mut(), buf.len() + chunk.remaining()).await);
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                let n = part.len();
+                buf.put_slice(part);
+                chunk.advance(n);
+            }
         }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let n = part.len();
-            buf.put_slice(part);
-            chunk.advance(n);
-        }
+        Ok(())
+    });
+    match read.await {
+        Ok(result) => result?,
+        Err(_) => return Err(ApiError::request_timeout(state.body_timeout)),
     }
     if buf.is_empty() {
         return Err(ApiError::malformed_json("request body is empty: expected a JSON object"));
     }
     Ok(buf.freeze())
 }
+
+/// The 413 for a body over the limit, after reading and discarding what the client still sends (up to
+/// a bound of its own, briefly): a server that answers and closes while the client is still writing
+/// makes the client see a broken pipe instead of the 413.
+async fn too_large<S, B>(state: &ApiState, mut body: std::pin::Pin<&mut S>, mut seen: usize) -> ApiError
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let bound = (state.max_body_bytes as usize).saturating_mul(4).max(DISCARD_MIN);
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while seen <= bound {
+            match body.next().await {
+                Some(Ok(chunk)) => seen += chunk.remaining(),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    ApiError::payload_too_large(state.max_body_bytes)
+}
+
+/// What [`too_large`] reads at least, and at most how long.
+const DISCARD_MIN: usize = 16 << 20;
+const DISCARD_TIME: Duration = Duration::from_secs(5);
 
 /// Deserializes with the path of the offending field in the message, e.g. `priority: invalid type`.
 fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
@@ -351,12 +386,17 @@ async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiE
         },
     };
     // Register before reading, so a job finishing in between still wakes us.
-    let finished = (!wait.is_zero()).then(|| state.waiters.register(id));
+    let wait_for = match wait.is_zero() {
+        true => None,
+        false => Some(state.waiters.register(id).ok_or_else(|| {
+            ApiError::unavailable("too many requests are waiting for jobs; try again later").retry_after(1)
+        })?),
+    };
     let job = fetch(state, id).await?;
-    let job = match finished {
-        Some(rx) if !job.status.is_finished() => {
+    let job = match wait_for {
+        Some(mut w) if !job.status.is_finished() => {
             tokio::select! {
-                _ = rx => {}
+                _ = &mut w.finished => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = state.shutdown.cancelled() => {}
             }

@@ -21,44 +21,24 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::config::HttpLimits;
 use crate::supervisor::TaskResult;
 
-/// Bounds on what clients may hold of the server.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Connections open at once; one more is answered 503 and closed.
-    pub max_connections: usize,
-    /// Time a client has to send a request's headers; a slower one is disconnected (slowloris).
-    pub header_timeout: Duration,
-    /// Most header lines in one request.
-    pub max_headers: usize,
-    /// Largest request head (request line and headers), in bytes.
-    pub max_head_bytes: usize,
-    /// How long in-flight requests may take to finish once shutdown began.
-    pub drain: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 4096,
-            header_timeout: Duration::from_secs(10),
-            max_headers: 100,
-            max_head_bytes: 64 * 1024,
-            drain: Duration::from_secs(30),
-        }
-    }
-}
+/// Most header lines in one request.
+const MAX_HEADERS: usize = 100;
+/// Largest request head (request line and headers) hyper buffers, in bytes; a larger one gets a 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// What a connection over the limit gets before it is closed.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 79\r\n\r\n{\"error\": \"unavailable\", \"message\": \"too many open connections; try again later\"}";
 
 /// Serves `filter` on `listener` until `shutdown`, then lets in-flight requests finish (at most
-/// `limits.drain`).
+/// `drain`).
 pub async fn serve<F>(
     listener: TcpListener,
     filter: F,
-    limits: Limits,
+    limits: HttpLimits,
+    drain: Duration,
     shutdown: CancellationToken,
     log: Logger,
 ) -> TaskResult
@@ -101,9 +81,10 @@ where
         let service = TowerToHyperService::new(warp::service(filter.clone()));
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
+            // Runs while a connection waits for a request's head, idle keep-alive included.
             .header_read_timeout(limits.header_timeout)
-            .max_headers(limits.max_headers)
-            .max_buf_size(limits.max_head_bytes.max(8192))
+            .max_headers(MAX_HEADERS)
+            .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let log = log.clone();
@@ -119,7 +100,7 @@ where
     if open > 0 {
         info!(log, "waiting for open connections to finish"; "count" => open);
     }
-    if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         warn!(log, "connections still open after the drain; closing them"; "count" => connections.len());
     }
     connections.shutdown().await;
