@@ -58,6 +58,9 @@ async fn misbehaving_clients_do_not_flood_the_log() {
     let r = http(addr, "GET", "/healthz", None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     p.signal("TERM");
+    // Read the log once the process has exited, so that no line is read half-written.
+    let mut p = p;
+    assert_eq!(p.wait(Duration::from_secs(60)).await, Some(0));
 
     let records = p.log_records();
     assert!(records.len() > 3, "the server logged its start: {records:?}");

@@ -1,6 +1,6 @@
 //! Connections: one factory ([`Connector`]) for the pool, the listener and every dedicated connection,
 //! so that what each connection needs (its `application_name`, the server-side statement deadline,
-//! and later TLS) is decided in one place rather than at each call site.
+//! TLS as `sslmode` asks) is decided in one place rather than at each call site.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -10,15 +10,20 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use slog::Logger;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Config, Connection, NoTls, Socket, Statement};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, Connection, Socket, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::tls::TlsSettings;
 use super::{queries, DbError};
 
-pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type Pool = bb8::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
+
+/// The stream under a connection: TLS or plain, as negotiated.
+type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
 /// A connection and the task-less half that must be polled to drive it.
-pub type RawConnection = (Client, Connection<Socket, NoTlsStream>);
+pub type RawConnection = (Client, Connection<Socket, Stream>);
 
 /// What a connection is for. It decides the `application_name` operators see in
 /// `pg_stat_activity` and whether statements get the server-side deadline.
@@ -54,6 +59,7 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Connector {
     config: Config,
+    tls: MakeRustlsConnect,
     statement_timeout: Duration,
 }
 
@@ -62,8 +68,9 @@ impl Connector {
     /// that waits longer (for a lock a DBA holds, say) is cancelled by the server, so no backend is left
     /// working for a client that has given up.
     pub fn new(url: &str, statement_timeout: Duration) -> Result<Connector, DbError> {
-        let config = Config::from_str(url).map_err(|e| DbError::Url(e.to_string()))?;
-        Ok(Connector { config, statement_timeout })
+        let (driver_url, tls) = TlsSettings::from_url(url)?;
+        let config = Config::from_str(&driver_url).map_err(|e| DbError::Url(e.to_string()))?;
+        Ok(Connector { config, tls: tls.connector()?, statement_timeout })
     }
 
     /// The same server with another database (for creating the configured one).
@@ -102,7 +109,7 @@ impl Connector {
 
     /// A connection whose driving half the caller polls (the listener reads notifications from it).
     pub async fn connect_raw(&self, purpose: Purpose) -> Result<RawConnection, DbError> {
-        self.config_for(purpose).connect(NoTls).await.map_err(DbError::Connect)
+        self.config_for(purpose).connect(self.tls.clone()).await.map_err(DbError::Connect)
     }
 
     /// Opens a connection and drives it on a background task.
@@ -122,7 +129,7 @@ impl Connector {
     /// The pool for the API, maintenance and the waiters; `acquire_timeout` bounds the wait for a
     /// free connection.
     pub fn pool(&self, size: u32, acquire_timeout: Duration) -> Pool {
-        let manager = PostgresConnectionManager::new(self.config_for(Purpose::Pool), NoTls);
+        let manager = PostgresConnectionManager::new(self.config_for(Purpose::Pool), self.tls.clone());
         bb8::Pool::builder().max_size(size).connection_timeout(acquire_timeout).build_unchecked(manager)
     }
 

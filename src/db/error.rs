@@ -35,6 +35,9 @@ pub enum DbError {
     Migration(String),
     #[error("invalid database URL: {0}")]
     Url(String),
+    /// TLS cannot be set up as the URL asks (an unreadable `sslrootcert`, no root certificates).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A statement lost a race repeatedly; trying again later will succeed.
     #[error("{0}")]
     Contended(String),
@@ -65,7 +68,7 @@ impl DbError {
         match self {
             DbError::Pool(_) | DbError::Timeout(_) | DbError::Lost(_) => ErrorClass::Unavailable,
             DbError::Contended(_) => ErrorClass::Transient,
-            DbError::Migration(_) | DbError::Url(_) => ErrorClass::Fatal,
+            DbError::Migration(_) | DbError::Url(_) | DbError::Tls(_) => ErrorClass::Fatal,
             DbError::Decode(_) => ErrorClass::Bug,
             DbError::Postgres(e) => statement_class(e),
             DbError::Connect(e) => connect_class(e),
@@ -137,6 +140,24 @@ fn sqlstate_class(code: &SqlState) -> ErrorClass {
     }
 }
 
+/// Whether the TLS handshake failed on the certificate or the protocol (rustls reports that inside an
+/// I/O error): the configuration's fault, not the network's.
+fn tls_refused(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn io_caused(e: &tokio_postgres::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -170,6 +191,9 @@ fn connect_class(e: &tokio_postgres::Error) -> ErrorClass {
             ErrorClass::Bug | ErrorClass::Rejected => ErrorClass::Fatal,
             c => c,
         };
+    }
+    if tls_refused(e) {
+        return ErrorClass::Fatal;
     }
     // The connect timeout is the one client-side connection error without a cause.
     if e.is_closed() || io_caused(e) || std::error::Error::source(e).is_none() {

@@ -8,6 +8,7 @@ mod connect;
 mod error;
 pub mod migrate;
 pub mod queries;
+pub mod tls;
 
 pub use connect::{Conn, ConnSlot, Connector, Pool, Purpose, RawConnection, DEADLINE_MARGIN};
 pub(crate) use error::describe;
