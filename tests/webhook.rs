@@ -197,3 +197,43 @@ async fn an_unreachable_receiver_is_retried_until_attempts_run_out() {
     assert!(error.starts_with("webhook request failed"), "{error}");
     service.stop().await;
 }
+
+/// The receiver example in README, run by python3 against a real delivery.
+#[tokio::test]
+async fn the_readme_receiver_example_verifies_a_delivery() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, after) = readme.split_once("<!-- webhook-verify-example").expect("README marks the example");
+    let code = after.split_once("```python\n").unwrap().1.split_once("```").unwrap().0;
+
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let hook = HookServer::start(vec![]).await;
+    let service = start(&db, &hook.url("/"), 3, None).await;
+    let id = insert(&c, json!({"to": "ü@example.com", "n": [1, 2.5]})).await;
+    assert_eq!(finished(&c, id).await.0, "done");
+    service.stop().await;
+    let req = &hook.received()[0];
+
+    let dir = std::env::temp_dir().join(format!("jq-verify-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("verify.py");
+    let driver = "\nimport sys\nbody = open(sys.argv[3], 'rb').read()\nprint('valid' if verify(sys.argv[1].encode(), sys.argv[2], body) else 'invalid')\n";
+    std::fs::write(&script, format!("{code}{driver}")).unwrap();
+    let (body, tampered) = (dir.join("body"), dir.join("tampered"));
+    std::fs::write(&body, &req.body).unwrap();
+    std::fs::write(&tampered, [&req.body[..], b" "].concat()).unwrap();
+    let header = req.header("Jobqueue-Signature").unwrap();
+    let run = |secret: &str, body: &std::path::Path| {
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .args([secret, header, body.to_str().unwrap()])
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(run(SECRET, &body), "valid");
+    assert_eq!(run("another-secret", &body), "invalid");
+    assert_eq!(run(SECRET, &tampered), "invalid");
+    let _ = std::fs::remove_dir_all(&dir);
+}
