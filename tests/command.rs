@@ -181,7 +181,7 @@ wait
             m = marker.display()
         ),
     );
-    let service = start(&db, &script, 1, Some(Duration::from_millis(1500))).await;
+    let service = start(&db, &script, 1, Some(Duration::from_secs(3))).await;
     let id = insert(&c, json!({})).await;
 
     let (shell, grandchild) =
@@ -189,7 +189,7 @@ wait
     assert!(!gone(shell) && !gone(grandchild), "both run until the timeout");
     let (status, attempts, _, error, _) = finished(&c, id).await;
     assert_eq!((status.as_str(), attempts), ("failed", 1));
-    assert_eq!(error.as_deref(), Some("handler timed out after 1s 500ms"));
+    assert_eq!(error.as_deref(), Some("handler timed out after 3s"));
     wait_gone(shell, "the command").await;
     wait_gone(grandchild, "the command's child").await;
     service.stop().await;

@@ -170,15 +170,15 @@ async fn a_400_fails_at_once_with_the_status_in_the_error() {
 async fn a_timeout_is_retried() {
     let db = TestDb::new().await;
     let c = db.client().await;
-    let hook = HookServer::start(vec![Reply::new(200, "too late").delay(Duration::from_secs(5))]).await;
-    let service = start(&db, &hook.url("/"), 3, Some(Duration::from_millis(300))).await;
+    let hook = HookServer::start(vec![Reply::new(200, "too late").delay(Duration::from_secs(10))]).await;
+    let service = start(&db, &hook.url("/"), 3, Some(Duration::from_secs(1))).await;
     let id = insert(&c, json!({})).await;
 
     let (status, attempts, result, _, errors) = finished(&c, id).await;
     assert_eq!((status.as_str(), attempts), ("done", 2));
     assert_eq!(result, Some(json!({"ok": true})));
     let first = errors[0]["error"].as_str().unwrap();
-    assert_eq!(first, "handler timed out after 300ms", "the queue's timeout, not JOB_TIMEOUT");
+    assert_eq!(first, "handler timed out after 1s", "the queue's timeout, not JOB_TIMEOUT");
     service.stop().await;
 }
 
