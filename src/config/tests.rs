@@ -92,6 +92,13 @@ fn the_example_file_parses() {
         HandlerSpec::Command { argv: vec!["./bin/resize".into(), "--quality".into(), "80".into()] }
     );
     assert_eq!(f.queues[0].handler, HandlerSpec::Builtin);
+    assert_eq!(f.settings, [("job_timeout", "5m".to_string())]);
+
+    // README shows the same file, after its two lines of comment.
+    let text = std::fs::read_to_string(path).unwrap();
+    let body = text.split_once("\n\n").unwrap().1;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains(&format!("```toml\n{body}```")), "README's config file example differs from {path:?}");
 }
 
 #[test]
