@@ -9,9 +9,10 @@
 //! command all kill the whole group, so a shell script's children do not outlive their job: the
 //! executor drops this handler's future on a timeout, and a guard's `Drop` does the killing.
 
+use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -52,11 +53,34 @@ impl Handler for CommandHandler {
     }
 }
 
+/// The process groups of the commands running in this process, for [`kill_running`].
+static RUNNING: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Kills the process group of every command still running, and returns how many there were. For an
+/// exit that skips destructors (`std::process::exit` on a second signal): commands run in process
+/// groups of their own, so neither a terminal's signal nor this process's end reaches them, and
+/// without this they would run on while their jobs run again elsewhere once the leases expire.
+pub fn kill_running() -> usize {
+    let groups = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for &pgid in &groups {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+    groups.len()
+}
+
 /// Kills its process group when dropped.
 struct GroupGuard(Pid);
 
+impl GroupGuard {
+    fn new(pgid: Pid) -> GroupGuard {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid.as_raw());
+        GroupGuard(pgid)
+    }
+}
+
 impl Drop for GroupGuard {
     fn drop(&mut self) {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0.as_raw());
         // ESRCH (the group is gone) is the normal case after a clean exit.
         let _ = killpg(self.0, Signal::SIGKILL);
     }
@@ -78,7 +102,7 @@ async fn run(argv: &[String], ctx: &JobContext) -> HandlerResult {
     // A program that cannot start now (missing while being deployed, out of processes) may start
     // later; the attempts bound how long that is tried.
     let mut child = command.spawn().map_err(|e| HandlerError::retry(format!("cannot start {:?}: {e}", argv[0])))?;
-    let _group = child.id().map(|pid| GroupGuard(Pid::from_raw(pid as i32)));
+    let _group = child.id().map(|pid| GroupGuard::new(Pid::from_raw(pid as i32)));
     let payload = serde_json::to_vec(&job.payload).map_err(|e| HandlerError::fail(format!("cannot encode: {e}")))?;
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let feed = async move {
@@ -161,7 +185,55 @@ async fn read_tail(reader: Option<impl AsyncRead + Unpin>, max: usize) -> Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::{Job, JobStatus};
     use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    fn job() -> Job {
+        let now = chrono::Utc::now();
+        Job {
+            id: uuid::Uuid::new_v4(),
+            queue: "cmd".into(),
+            payload: json!({}),
+            status: JobStatus::Processing,
+            result: None,
+            error: None,
+            errors: json!([]),
+            priority: 0,
+            run_at: now,
+            attempts: 1,
+            max_attempts: Some(1),
+            unique_key: None,
+            locked_by: None,
+            locked_until: None,
+            cancel_requested_at: None,
+            created_at: now,
+            updated_at: now,
+            finished_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn kill_running_stops_every_command() {
+        let pid_file = std::env::temp_dir().join(format!("jq-kill-running-{}", uuid::Uuid::new_v4().simple()));
+        let script = format!("echo $$ > {}; exec sleep 300", pid_file.display());
+        let handler = CommandHandler::new(vec!["/bin/sh".into(), "-c".into(), script]);
+        let task = tokio::spawn(handler.handle(JobContext::new(job(), CancellationToken::new())));
+        let mut pid = None;
+        for _ in 0..500 {
+            pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok());
+            if pid.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let pid = pid.expect("the command starts and writes its pid");
+        assert!(kill_running() >= 1);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert_eq!(result, Err(HandlerError::fail("command killed by signal 9")));
+        assert!(!RUNNING.lock().unwrap().contains(&pid), "the finished command is no longer listed");
+        let _ = std::fs::remove_file(&pid_file);
+    }
 
     #[test]
     fn stdout_becomes_the_result() {
