@@ -2,7 +2,7 @@
 //!
 //! - [`cli`]: command-line flags and environment variables (clap types). Values stay strings there, so
 //!   that a bad one produces an error naming the variable, not clap's flag syntax.
-//! - [`file`]: the optional TOML file (`--config PATH` / `JOBQUEUE_CONFIG`): the same top-level settings
+//! - [`file`](mod@file): the optional TOML file (`--config PATH` / `JOBQUEUE_CONFIG`): the same top-level settings
 //!   under their variables' names in lower case, and a `[queues.NAME]` table per queue with its
 //!   handler.
 //! - `resolve`: merges them (flags, then environment, then `.env`, then the file, then defaults) and
