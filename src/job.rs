@@ -47,6 +47,11 @@ impl JobStatus {
         }
     }
 
+    /// A status as stored in the `status` column: the five names only, no aliases.
+    pub fn from_stored(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
     /// Done, failed and cancelled are final until someone retries the job.
     pub fn is_finished(self) -> bool {
         matches!(self, JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled)
@@ -157,12 +162,24 @@ impl NewJob {
                 return Err(FieldError::new("unique_key", format!("must be 1 to {UNIQUE_KEY_MAX} bytes, no NUL")));
             }
         }
+        if let Some(at) = self.run_at {
+            if !representable(at) {
+                return Err(FieldError::new("run_at", "must be a time in the years 0000 to 9999 (RFC 3339)"));
+            }
+        }
         if contains_nul(&self.payload) {
             // Postgres' jsonb cannot store U+0000; refuse it here rather than let the insert fail.
             return Err(FieldError::new("payload", "must not contain \\u0000 (PostgreSQL jsonb cannot store it)"));
         }
         Ok(())
     }
+}
+
+/// Whether a time can be written in RFC 3339, which has four-digit years: the API answers with every
+/// time it stores, and a year like +262000 would come back in a form clients cannot parse.
+pub fn representable(at: DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    (0..=9999).contains(&at.year())
 }
 
 /// Whether a JSON value holds U+0000 anywhere, which PostgreSQL's jsonb cannot store.

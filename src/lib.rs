@@ -15,7 +15,7 @@
 //!     })
 //!     .start()
 //!     .await?;
-//! service.stop().await;
+//! service.stop().await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
@@ -30,6 +30,7 @@ pub mod limits;
 pub mod logging;
 pub mod maintenance;
 pub mod service;
+pub mod supervisor;
 pub mod waiters;
 pub mod worker;
 

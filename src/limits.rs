@@ -28,3 +28,4 @@ pub const JOB_LEASE_MIN: Duration = Duration::from_millis(500);
 /// Per instance (`JOB_TIMEOUT`) and per queue (`timeout` in the file).
 pub const JOB_TIMEOUT_MIN: Duration = Duration::from_millis(1);
 pub const MAINTENANCE_INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const STATEMENT_TIMEOUT_MIN: Duration = Duration::from_millis(100);

@@ -54,13 +54,19 @@ impl Waiters {
         waiting.keys().copied().collect()
     }
 
-    pub async fn poll(&self, pool: Pool, interval: Duration, log: Logger, shutdown: CancellationToken) {
+    pub async fn poll(
+        &self,
+        pool: Pool,
+        interval: Duration,
+        log: Logger,
+        shutdown: CancellationToken,
+    ) -> crate::supervisor::TaskResult {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
             }
             let ids = self.awaited();
             if ids.is_empty() {

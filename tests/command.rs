@@ -113,7 +113,7 @@ printf '{"payload": %s, "id": "%s", "queue": "%s", "attempt": %s}\n' "$payload" 
     assert_eq!((status.as_str(), attempts), ("done", 1));
     let expected = json!({"payload": {"image": "cat.png", "sizes": [64, 128]}, "id": id, "queue": "cmd", "attempt": 1});
     assert_eq!(result, Some(expected));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -135,7 +135,7 @@ echo "resized on attempt $JOBQUEUE_ATTEMPT"
     assert_eq!((status.as_str(), attempts), ("done", 2));
     assert_eq!(result, Some(json!("resized on attempt 2")), "text that is not JSON is kept as text");
     assert_eq!(errors[0]["error"], json!("command exited with 75: upstream busy"));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -161,7 +161,7 @@ exit 1
     assert!(error.ends_with("fatal: image is corrupt"), "{error}");
     assert!(!error.contains("progress line 0\n"), "only the tail is kept");
     assert!(error.len() < 2100, "{}", error.len());
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -192,7 +192,7 @@ wait
     assert_eq!(error.as_deref(), Some("handler timed out after 3s"));
     wait_gone(shell, "the command").await;
     wait_gone(grandchild, "the command's child").await;
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -224,5 +224,5 @@ wait
     assert_eq!((status.as_str(), attempts), ("cancelled", 1));
     wait_gone(shell, "the command").await;
     wait_gone(grandchild, "the command's child").await;
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }

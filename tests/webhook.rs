@@ -87,7 +87,7 @@ async fn a_2xx_with_json_is_done_with_that_result() {
     assert_eq!(req.header("Content-Type"), Some("application/json"));
     assert_eq!(req.header("Jobqueue-Job-Id"), Some(id.to_string().as_str()));
     assert_eq!(req.json(), json!({"id": id, "queue": "hooks", "attempt": 1, "payload": {"to": "a@example.com"}}));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -110,7 +110,7 @@ async fn the_signature_verifies_with_the_secret_and_not_with_another() {
     let mut tampered = req.clone();
     tampered.body = br#"{"n": 2}"#.to_vec();
     assert!(!verifies(&tampered, SECRET));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -129,7 +129,7 @@ async fn a_500_is_retried_then_done() {
     assert!(first.contains("500") && first.contains("database is down"), "{first}");
     let got = hook.received();
     assert_eq!(got.iter().map(|r| r.json()["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2]);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -147,7 +147,7 @@ async fn a_429_is_not_retried_before_its_retry_after() {
     assert_eq!(got.len(), 2);
     let gap = got[1].at - got[0].at;
     assert!(gap >= Duration::from_secs(2), "retried after {gap:?}");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -163,7 +163,7 @@ async fn a_400_fails_at_once_with_the_status_in_the_error() {
     let error = error.unwrap();
     assert!(error.contains("400") && error.contains("unknown template"), "{error}");
     assert_eq!(hook.received().len(), 1);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -179,7 +179,7 @@ async fn a_timeout_is_retried() {
     assert_eq!(result, Some(json!({"ok": true})));
     let first = errors[0]["error"].as_str().unwrap();
     assert_eq!(first, "handler timed out after 1s", "the queue's timeout, not JOB_TIMEOUT");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -195,7 +195,7 @@ async fn an_unreachable_receiver_is_retried_until_attempts_run_out() {
     assert_eq!((status.as_str(), attempts), ("failed", 2));
     let error = error.unwrap();
     assert!(error.starts_with("webhook request failed"), "{error}");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 /// The receiver example in README, run by python3 against a real delivery.
@@ -211,7 +211,7 @@ async fn the_readme_receiver_example_verifies_a_delivery() {
     let service = start(&db, &hook.url("/"), 3, None).await;
     let id = insert(&c, json!({"to": "ü@example.com", "n": [1, 2.5]})).await;
     assert_eq!(finished(&c, id).await.0, "done");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
     let req = &hook.received()[0];
 
     let dir = std::env::temp_dir().join(format!("jq-verify-{}", Uuid::new_v4().simple()));

@@ -7,6 +7,7 @@
 //! (see [`error`]). The API inserts and reads jobs; it never claims them.
 
 pub mod error;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use slog::{info, Logger};
+use slog::{debug, info, Logger};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -29,6 +30,7 @@ use crate::config::{parse_duration, DEFAULT_QUEUE};
 use crate::db::{queries, Pool};
 use crate::job::{FieldError, Job, JobStatus, NewJob};
 use crate::waiters::Waiters;
+use crate::worker::Health;
 use error::ApiError;
 
 /// Most jobs in one `POST /jobs/batch`.
@@ -41,7 +43,12 @@ pub const MAX_LIMIT: i64 = 1000;
 pub struct ApiState {
     pub pool: Pool,
     pub waiters: Arc<Waiters>,
+    /// Whether the engine runs, for `/healthz`.
+    pub health: Arc<Health>,
     pub max_body_bytes: u64,
+    /// Longest a request may spend on the database (waiting for a pooled connection included); past
+    /// it the answer is a 503. The server cancels the statement itself at its `statement_timeout`.
+    pub request_deadline: Duration,
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
     pub log: Logger,
@@ -64,13 +71,25 @@ pub fn routes(
                 let started = Instant::now();
                 let query = serde_urlencoded::from_str(&query).map_err(|e| e.to_string());
                 let req = Request { method, path: path.as_str().to_string(), query, headers };
-                let resp = match route(&state, &req, body).await {
-                    Ok(resp) => resp,
-                    Err(e) => e.into_response(&state.log),
+                let (resp, client_gone) = match route(&state, &req, body).await {
+                    Ok(resp) => (resp, false),
+                    Err(e) => {
+                        let gone = e.client_gone;
+                        (e.into_response(&state.log), gone)
+                    }
                 };
-                info!(state.log, "request";
-                      "method" => req.method.as_str(), "path" => &req.path, "status" => resp.status().as_u16(),
-                      "latency_ms" => (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
+                // A client that broke off mid-request is its own problem: one debug line, so that a
+                // flood of them (a slowloris run) cannot flood the log.
+                let (status, latency_ms) =
+                    (resp.status().as_u16(), (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
+                let path = req.path.as_str();
+                if client_gone {
+                    debug!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
+                           "status" => status, "latency_ms" => latency_ms);
+                } else {
+                    info!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
+                          "status" => status, "latency_ms" => latency_ms);
+                }
                 resp
             }
         })
@@ -101,23 +120,54 @@ where
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let m = &req.method;
     match segments.as_slice() {
-        ["healthz"] if m == Method::GET => Ok(reply(StatusCode::OK, &json!({"status": "ok"}))),
+        ["healthz"] if m == Method::GET => healthz(state),
         ["healthz"] => Err(ApiError::method_not_allowed("GET")),
         ["readyz"] if m == Method::GET => ready(state).await,
         ["readyz"] => Err(ApiError::method_not_allowed("GET")),
-        ["stats"] if m == Method::GET => stats(state).await,
+        ["stats"] if m == Method::GET => within(state, stats(state)).await,
         ["stats"] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs"] if m == Method::GET => list(state, req).await,
-        ["jobs"] if m == Method::POST => create(state, req, read_json_body(state, req, body).await?).await,
+        ["jobs"] if m == Method::GET => within(state, list(state, req)).await,
+        ["jobs"] if m == Method::POST => {
+            let body = read_json_body(state, req, body).await?;
+            within(state, create(state, req, body)).await
+        }
         ["jobs"] => Err(ApiError::method_not_allowed("GET, POST")),
-        ["jobs", "batch"] if m == Method::POST => create_batch(state, read_json_body(state, req, body).await?).await,
+        ["jobs", "batch"] if m == Method::POST => {
+            let body = read_json_body(state, req, body).await?;
+            within(state, create_batch(state, body)).await
+        }
         ["jobs", "batch"] => Err(ApiError::method_not_allowed("POST")),
+        // Not bounded as a whole: `?wait=` holds the request open on purpose; each read is bounded.
         ["jobs", id] if m == Method::GET => get(state, req, parse_id(id)?).await,
         ["jobs", _] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs", id, "cancel"] if m == Method::POST => cancel(state, parse_id(id)?).await,
-        ["jobs", id, "retry"] if m == Method::POST => retry(state, parse_id(id)?).await,
+        ["jobs", id, "cancel"] if m == Method::POST => within(state, cancel(state, parse_id(id)?)).await,
+        ["jobs", id, "retry"] if m == Method::POST => within(state, retry(state, parse_id(id)?)).await,
         ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
         _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
+    }
+}
+
+/// Runs a handler's database work under the request deadline: a database that does not answer (a lock
+/// held by someone else, an overloaded server) gets the client a 503, not a hang.
+async fn within<T>(
+    state: &ApiState,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(state.request_deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::unavailable(format!(
+            "the database did not answer within {}; try again",
+            humantime::format_duration(state.request_deadline)
+        ))
+        .retry_after(1)),
+    }
+}
+
+fn healthz(state: &ApiState) -> Result<Response, ApiError> {
+    if state.health.engine_running() {
+        Ok(reply(StatusCode::OK, &json!({"status": "ok"})))
+    } else {
+        Err(ApiError::unavailable("the engine is not running"))
     }
 }
 
@@ -151,7 +201,7 @@ where
     let mut body = std::pin::pin!(body);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        let mut chunk = chunk.map_err(|e| ApiError::client_gone(format!("could not read the request body: {e}")))?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(ApiError::payload_too_large(limit));
         }
@@ -215,7 +265,11 @@ impl JobSpec {
                     .ok_or_else(|| FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m"))?;
                 let too_long = || FieldError::new("delay", "is too long");
                 let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
-                Some(Utc::now().checked_add_signed(d).ok_or_else(too_long)?)
+                let at = Utc::now().checked_add_signed(d).ok_or_else(too_long)?;
+                if !crate::job::representable(at) {
+                    return Err(too_long());
+                }
+                Some(at)
             }
             (None, None) => None,
         };
@@ -277,7 +331,9 @@ async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiErro
         jobs.push(job);
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let jobs = queries::job_insert_batch(&*client, &jobs).await?;
+    // One statement, its own transaction: safe to run again if the server aborted it to break a
+    // deadlock with a concurrent statement.
+    let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&*client, &jobs)).await?;
     Ok(reply(StatusCode::CREATED, &jobs))
 }
 
@@ -312,8 +368,11 @@ async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiE
 }
 
 async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+    within(state, async {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+    })
+    .await
 }
 
 async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {

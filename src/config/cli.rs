@@ -96,6 +96,9 @@ pub struct Settings {
     /// Size of the connection pool used by the API and maintenance.
     #[arg(long, env = "DB_POOL_SIZE", global = true)]
     pub db_pool_size: Option<String>,
+    /// Deadline of one database statement (statement_timeout), e.g. 10s.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", global = true)]
+    pub db_statement_timeout: Option<String>,
     /// Default attempts per job when neither the job nor its queue says.
     #[arg(long, env = "MAX_ATTEMPTS", global = true)]
     pub max_attempts: Option<String>,
@@ -141,6 +144,7 @@ impl Settings {
         "job_timeout",
         "shutdown_timeout",
         "db_pool_size",
+        "db_statement_timeout",
         "max_attempts",
         "retry_backoff",
         "retry_backoff_max",
@@ -167,6 +171,7 @@ impl Settings {
             "job_timeout" => &mut self.job_timeout,
             "shutdown_timeout" => &mut self.shutdown_timeout,
             "db_pool_size" => &mut self.db_pool_size,
+            "db_statement_timeout" => &mut self.db_statement_timeout,
             "max_attempts" => &mut self.max_attempts,
             "retry_backoff" => &mut self.retry_backoff,
             "retry_backoff_max" => &mut self.retry_backoff_max,

@@ -134,6 +134,9 @@ pub struct Config {
     pub job_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub db_pool_size: u32,
+    /// Server-side deadline of every statement but migrations (`statement_timeout`); the client gives
+    /// up a few seconds later. An API request waiting longer (for a lock a DBA holds, say) gets a 503.
+    pub statement_timeout: Duration,
     /// `None` disables deletion of that status.
     pub retention: Retention,
     pub maintenance_interval: Duration,
@@ -175,6 +178,7 @@ impl Default for Config {
             job_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             db_pool_size: 10,
+            statement_timeout: Duration::from_secs(10),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),

@@ -17,6 +17,7 @@ use crate::job::RetryPolicy;
 use crate::limits::{
     CONCURRENCY_RANGE, DB_POOL_SIZE_RANGE, INSTANCE_ID_MAX, JITTER_RANGE, JOB_LEASE_MIN, JOB_TIMEOUT_MIN,
     MAINTENANCE_INTERVAL_MIN, MAX_ATTEMPTS_RANGE, MAX_BODY_BYTES_RANGE, POLL_INTERVAL_MIN, QUEUE_NAME_MAX,
+    STATEMENT_TIMEOUT_MIN,
 };
 
 fn bad(name: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
@@ -156,6 +157,8 @@ impl Settings {
             MAINTENANCE_INTERVAL_MIN,
         )?;
         let db_pool_size = number("DB_POOL_SIZE", &self.db_pool_size, d.db_pool_size, DB_POOL_SIZE_RANGE)?;
+        let statement_timeout =
+            duration("DB_STATEMENT_TIMEOUT", &self.db_statement_timeout, d.statement_timeout, STATEMENT_TIMEOUT_MIN)?;
 
         let rd = RetryPolicy::default();
         let retry = RetryPolicy {
@@ -227,6 +230,7 @@ impl Settings {
             job_timeout,
             shutdown_timeout,
             db_pool_size,
+            statement_timeout,
             retention,
             maintenance_interval,
             instance_id,
