@@ -16,7 +16,7 @@ use slog::{info, Logger};
 use tokio::sync::Notify;
 
 use crate::config::{parse_duration, BenchArgs, Config, QueueConfig};
-use crate::job::{NewJob, RetryPolicy};
+use crate::job::NewJob;
 use crate::service::Builder;
 use crate::{db, HandlerError, JobContext};
 
@@ -52,7 +52,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     let concurrency = config.queues.first().map(|q| q.concurrency).unwrap_or(8).max(args.concurrency);
     let mut bench_config = config.clone();
     bench_config.database_url = url.clone();
-    bench_config.queues = vec![QueueConfig { name: QUEUE.into(), concurrency, retry: RetryPolicy::default() }];
+    bench_config.queues = vec![QueueConfig::new(QUEUE, concurrency)];
     // The benchmark's own database: migrate it before inserting.
     crate::service::migrate(&bench_config, log).await?;
     let pool = db::Connector::new(&url, Duration::ZERO)?.pool(4, Duration::from_secs(5));

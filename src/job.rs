@@ -7,15 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Longest delay a retry or snooze may ask for; longer requests are shortened to this.
-pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Limits enforced by named CHECK constraints in `db/migrations`; validated here first so that the
-/// API can name the offending field.
-pub const PRIORITY_RANGE: (i32, i32) = (-1000, 1000);
-pub const MAX_ATTEMPTS_RANGE: (i32, i32) = (1, 1000);
-pub const QUEUE_NAME_MAX: usize = 128;
-pub const UNIQUE_KEY_MAX: usize = 255;
+/// The limits live with the configuration's in `limits`, each defined once; re-exported here, where
+/// the job fields they bound are.
+pub use crate::limits::{MAX_ATTEMPTS_RANGE, MAX_DELAY, PRIORITY_RANGE, QUEUE_NAME_MAX, UNIQUE_KEY_MAX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -26,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod dispatcher;
 pub mod job;
+pub mod limits;
 pub mod logging;
 pub mod maintenance;
 pub mod service;

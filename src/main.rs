@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use jobqueue::config::{Cli, Command};
+use jobqueue::worker::handlers;
 use jobqueue::{logging, service, Builder};
 use slog::{error, info};
 
@@ -41,11 +42,15 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Serve => {
-                // The binary does what the original service did, for every queue it is told to serve;
-                // real work comes from embedding the library with handlers of your own.
+                // Each served queue gets the handler its config file entry names (builtin when none
+                // does); Rust programs embedding the library register handlers of their own.
+                let client = handlers::http_client()?;
                 let mut builder = Builder::new(config.clone()).logger(root.clone());
                 for q in &config.queues {
-                    builder = builder.handler(&q.name, jobqueue::default_handler());
+                    let spec = config.handler(&q.name);
+                    let handler = handlers::for_spec(spec, &client).map_err(anyhow::Error::msg)?;
+                    info!(log, "queue handler"; "queue" => &q.name, "handler" => spec.kind());
+                    builder = builder.handler(&q.name, handler);
                 }
                 // A task that failed ends the process non-zero, so that an orchestrator restarts it.
                 builder.start().await?.run_until_signal().await?;

@@ -283,6 +283,8 @@ impl Service {
             result = &mut join => result,
             name = signals.next() => {
                 warn!(log, "second signal; exiting now"; "signal" => name);
+                // An exit skips destructors: stop the commands of command-handler queues explicitly.
+                crate::worker::handlers::command::kill_running();
                 std::process::exit(130);
             }
         }

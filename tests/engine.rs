@@ -303,14 +303,13 @@ async fn queues_without_a_handler_here_are_left_alone() {
 fn fast_retry_config(db: &TestDb, max_attempts: i32) -> jobqueue::Config {
     let mut config = db.config(2);
     config.queues = vec![QueueConfig {
-        name: "default".into(),
-        concurrency: 2,
         retry: RetryPolicy {
             max_attempts,
             backoff: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             jitter: 0.0,
         },
+        ..QueueConfig::new("default", 2)
     }];
     config.poll_interval = Duration::from_secs(60);
     config

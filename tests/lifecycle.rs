@@ -18,7 +18,7 @@ fn child_instance() {
 }
 
 fn queue(name: &str, concurrency: usize, retry: RetryPolicy) -> QueueConfig {
-    QueueConfig { name: name.into(), concurrency, retry }
+    QueueConfig { retry, ..QueueConfig::new(name, concurrency) }
 }
 
 fn quick_retry(max_attempts: i32) -> RetryPolicy {

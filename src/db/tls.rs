@@ -62,6 +62,14 @@ impl SslMode {
     }
 }
 
+/// Parses a database URL as jobqueue reads it (libpq's TLS parameters included), without opening
+/// anything or reading certificates: for validating configuration.
+pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, TlsSettings), DbError> {
+    let (driver_url, tls) = TlsSettings::from_url(url)?;
+    let config = driver_url.parse::<tokio_postgres::Config>().map_err(|e| DbError::Url(e.to_string()))?;
+    Ok((config, tls))
+}
+
 /// The TLS part of a database URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {

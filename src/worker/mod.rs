@@ -7,6 +7,7 @@
 mod completer;
 mod executor;
 pub mod handler;
+pub mod handlers;
 mod heartbeat;
 mod producer;
 pub mod running;

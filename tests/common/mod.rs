@@ -13,8 +13,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod hook_server;
+
 use jobqueue::config::Config;
-use jobqueue::{Builder, HandlerError, JobContext, QueueConfig, RetryPolicy, Service};
+use jobqueue::{Builder, HandlerError, JobContext, QueueConfig, Service};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
@@ -133,7 +135,7 @@ impl TestDb {
             database_url: self.url.clone(),
             bind: "127.0.0.1".parse().unwrap(),
             port: 0,
-            queues: vec![QueueConfig { name: "default".into(), concurrency: workers, retry: RetryPolicy::default() }],
+            queues: vec![QueueConfig::new("default", workers)],
             db_pool_size: 4,
             maintenance_interval: Duration::from_millis(500),
             ..Config::default()
