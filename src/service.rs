@@ -167,6 +167,9 @@ impl Builder {
             log: log.clone(),
         };
 
+        if api && config.auth.is_open() {
+            warn!(log, "no API_TOKENS configured: the API is open to anyone who can reach it");
+        }
         let mut supervisor = Supervisor::new(shutdown.clone(), log.new(slog::o!("component" => "supervisor")));
         let mut addr = None;
         if api {
@@ -181,6 +184,8 @@ impl Builder {
                 max_body_bytes: config.max_body_bytes,
                 request_deadline: config.db_acquire_timeout + connector.deadline(),
                 body_timeout: config.http.body_timeout,
+                auth: config.auth.clone(),
+                cors_origins: config.cors_origins.clone(),
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
             });

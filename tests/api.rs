@@ -35,6 +35,8 @@ async fn api_with(
         max_body_bytes: max_body,
         request_deadline: Duration::from_secs(20),
         body_timeout: Duration::from_secs(30),
+        auth: Default::default(),
+        cors_origins: Vec::new(),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
     }))
@@ -623,6 +625,8 @@ async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
         max_body_bytes: 1 << 20,
         request_deadline: Duration::from_secs(3),
         body_timeout: Duration::from_secs(30),
+        auth: Default::default(),
+        cors_origins: Vec::new(),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
     }));

@@ -28,6 +28,8 @@ pub struct ApiError {
     pub client_gone: bool,
     /// Answer with `Connection: close`: the rest of what the client sent cannot be trusted or read.
     pub close: bool,
+    /// Send `WWW-Authenticate: Bearer` (a 401).
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -42,6 +44,7 @@ impl ApiError {
             retry_after: None,
             client_gone: false,
             close: false,
+            challenge: false,
         }
     }
 
@@ -62,6 +65,17 @@ impl ApiError {
 
     pub fn malformed_json(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "malformed_json", message)
+    }
+
+    /// 401, with the challenge that says which scheme to use.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        e.challenge = true;
+        e
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -137,6 +151,9 @@ impl ApiError {
         let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(allow) = self.allow {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.challenge {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if self.close {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

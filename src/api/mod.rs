@@ -6,6 +6,7 @@
 //! one handler or one error, so 400/404/405/413/415 are exact and every error has the same JSON shape
 //! (see [`error`]). The API inserts and reads jobs; it never claims them.
 
+mod access;
 pub mod error;
 pub mod server;
 
@@ -51,6 +52,10 @@ pub struct ApiState {
     pub request_deadline: Duration,
     /// Time a client has to send a request's body.
     pub body_timeout: Duration,
+    /// API tokens; open when none is configured.
+    pub auth: crate::auth::Auth,
+    /// Origins allowed to call from a browser (CORS); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
     pub log: Logger,
@@ -73,13 +78,16 @@ pub fn routes(
                 let started = Instant::now();
                 let query = serde_urlencoded::from_str(&query).map_err(|e| e.to_string());
                 let req = Request { method, path: path.as_str().to_string(), query, headers };
-                let (resp, client_gone) = match route(&state, &req, body).await {
+                let (mut resp, client_gone) = match route(&state, &req, body).await {
                     Ok(resp) => (resp, false),
                     Err(e) => {
                         let gone = e.client_gone;
                         (e.into_response(&state.log), gone)
                     }
                 };
+                if let Some(origin) = access::allowed_origin(&state.cors_origins, &req.headers) {
+                    access::add_cors(resp.headers_mut(), origin);
+                }
                 // A client that broke off mid-request is its own problem: one debug line, so that a
                 // flood of them (a slowloris run) cannot flood the log.
                 let (status, latency_ms) =
@@ -121,7 +129,19 @@ where
     let path = req.path.trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let m = &req.method;
+    if m == Method::OPTIONS {
+        if let Some(origin) = access::allowed_origin(&state.cors_origins, &req.headers) {
+            return Ok(access::preflight(origin));
+        }
+    }
+    let scopes = access::authorize(&state.auth, &req.headers, access::need(m, &segments))?;
+    access::check_content_type(m, &req.headers)?;
     match segments.as_slice() {
+        ["whoami"] if m == Method::GET => {
+            let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+            Ok(reply(StatusCode::OK, &json!({"auth": !state.auth.is_open(), "scopes": scopes})))
+        }
+        ["whoami"] => Err(ApiError::method_not_allowed("GET")),
         ["healthz"] if m == Method::GET => healthz(state),
         ["healthz"] => Err(ApiError::method_not_allowed("GET")),
         ["readyz"] if m == Method::GET => ready(state).await,

@@ -111,6 +111,12 @@ pub struct Settings {
     /// Time a client has to send a request's body.
     #[arg(long, env = "HTTP_BODY_TIMEOUT", global = true)]
     pub http_body_timeout: Option<String>,
+    /// API bearer tokens: scope:token,scope:token (scopes read, write, worker, admin).
+    #[arg(long, env = "API_TOKENS", global = true, hide_env_values = true)]
+    pub api_tokens: Option<String>,
+    /// Origins allowed to call the API from a browser (CORS), comma separated.
+    #[arg(long, env = "CORS_ORIGINS", global = true)]
+    pub cors_origins: Option<String>,
     /// Most requests waiting at once with ?wait= (or long-polling).
     #[arg(long, env = "MAX_WAITERS", global = true)]
     pub max_waiters: Option<String>,
@@ -165,6 +171,7 @@ impl Settings {
         "http_header_timeout",
         "http_body_timeout",
         "max_waiters",
+        "cors_origins",
         "max_attempts",
         "retry_backoff",
         "retry_backoff_max",
@@ -197,6 +204,7 @@ impl Settings {
             "http_header_timeout" => &mut self.http_header_timeout,
             "http_body_timeout" => &mut self.http_body_timeout,
             "max_waiters" => &mut self.max_waiters,
+            "cors_origins" => &mut self.cors_origins,
             "max_attempts" => &mut self.max_attempts,
             "retry_backoff" => &mut self.retry_backoff,
             "retry_backoff_max" => &mut self.retry_backoff_max,

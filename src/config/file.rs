@@ -21,6 +21,7 @@ use toml::{Table, Value};
 use super::cli::Settings;
 use super::resolve::{check_duration, DURATION_FORMS};
 use super::{ConfigError, HandlerSpec, Secret};
+use crate::auth::{Scope, TokenHash};
 use crate::limits::{CONCURRENCY_RANGE, JITTER_RANGE, JOB_TIMEOUT_MIN, MAX_ATTEMPTS_RANGE, QUEUE_NAME_MAX};
 
 /// The keys of a `[queues.NAME]` table.
@@ -46,6 +47,8 @@ pub struct FileConfig {
     pub settings: Vec<(&'static str, String)>,
     /// In the order of their names.
     pub queues: Vec<FileQueue>,
+    /// `[auth] tokens = [{ scope = "admin", sha256 = "<hex>" }, ...]`: hashes only, never tokens.
+    pub auth: Vec<(Scope, TokenHash)>,
 }
 
 /// One `[queues.NAME]` table. `None` leaves the setting to the instance-wide value.
@@ -75,6 +78,10 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let table: Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string().trim_end().to_string()))?;
     let mut config = FileConfig { path: path.to_path_buf(), ..FileConfig::default() };
     for (key, value) in table {
+        if key == "auth" {
+            config.auth = parse_auth(value).map_err(|m| err(format!("[auth] {m}")))?;
+            continue;
+        }
         if key == "queues" {
             let Value::Table(queues) = value else {
                 return Err(err(format!(
@@ -105,6 +112,42 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         config.settings.push((known, value));
     }
     Ok(config)
+}
+
+/// The `[auth]` table: a list of tokens by the SHA-256 of each (`printf %s "$TOKEN" | sha256sum`), so
+/// that the file holds nothing that would let its reader call the API.
+fn parse_auth(value: Value) -> Result<Vec<(Scope, TokenHash)>, String> {
+    let Value::Table(mut t) = value else { return Err(format!("expected a table, got {}", describe(&value))) };
+    if let Some(key) = t.keys().find(|k| k.as_str() != "tokens") {
+        return Err(format!("unknown key {key:?} (expected tokens)"));
+    }
+    let Some(Value::Array(entries)) = t.remove("tokens") else {
+        return Err("tokens: expected an array of { scope, sha256 } tables".into());
+    };
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let Value::Table(e) = entry else {
+                return Err(format!("tokens[{i}]: expected a {{ scope, sha256 }} table"));
+            };
+            if let Some(key) = e.keys().find(|k| !matches!(k.as_str(), "scope" | "sha256")) {
+                let hint = if key == "token" { "; give the token's SHA-256 as sha256, never the token" } else { "" };
+                return Err(format!("tokens[{i}]: unknown key {key:?} (expected scope, sha256){hint}"));
+            }
+            let scope = match e.get("scope") {
+                Some(Value::String(s)) => Scope::parse(s),
+                _ => None,
+            }
+            .ok_or(format!("tokens[{i}].scope: expected read, write, worker or admin"))?;
+            let hash = match e.get("sha256") {
+                Some(Value::String(s)) => TokenHash::from_hex(s),
+                _ => None,
+            }
+            .ok_or(format!("tokens[{i}].sha256: expected the token's SHA-256 as 64 hex digits"))?;
+            Ok((scope, hash))
+        })
+        .collect()
 }
 
 /// What a value is, for error messages: its type and, for scalars, the value.

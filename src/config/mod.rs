@@ -140,6 +140,10 @@ pub struct Config {
     /// Longest wait for a pooled connection; a request that waits longer gets a 503.
     pub db_acquire_timeout: Duration,
     pub http: HttpLimits,
+    /// API tokens (from `API_TOKENS` and the file's `[auth]` table); none: the API is open.
+    pub auth: crate::auth::Auth,
+    /// Origins allowed to call the API from a browser; empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
     /// `None` disables deletion of that status.
     pub retention: Retention,
     pub maintenance_interval: Duration,
@@ -223,6 +227,8 @@ impl Default for Config {
             statement_timeout: Duration::from_secs(10),
             db_acquire_timeout: Duration::from_secs(5),
             http: HttpLimits::default(),
+            auth: crate::auth::Auth::default(),
+            cors_origins: Vec::new(),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),

@@ -230,6 +230,30 @@ impl Settings {
             failed: retention("RETENTION_FAILED", &self.retention_failed, rt.failed)?,
             cancelled: retention("RETENTION_CANCELLED", &self.retention_cancelled, rt.cancelled)?,
         };
+        // Tokens from the environment and from the file's [auth] table all count. A bad API_TOKENS is
+        // reported without echoing it: it holds secrets.
+        let mut tokens = match &self.api_tokens {
+            None => Vec::new(),
+            Some(raw) => crate::auth::Auth::parse_env(raw).map_err(|expected| ConfigError::Value {
+                name: "API_TOKENS",
+                value: "(not shown)".into(),
+                expected,
+            })?,
+        };
+        tokens.extend(file.map(|f| f.auth.clone()).unwrap_or_default());
+        let auth = crate::auth::Auth::new(tokens);
+        let cors_origins = match &self.cors_origins {
+            None => Vec::new(),
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(|o| match o.starts_with("http://") || o.starts_with("https://") {
+                    true => Ok(o.trim_end_matches('/').to_string()),
+                    false => Err(bad("CORS_ORIGINS", raw, "comma-separated origins such as https://ops.example.com")),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let instance_id = match &self.instance_id {
             None => d.instance_id.clone(),
             Some(id) if !id.trim().is_empty() && id.len() <= INSTANCE_ID_MAX => id.trim().to_string(),
@@ -259,6 +283,8 @@ impl Settings {
             retention,
             maintenance_interval,
             instance_id,
+            auth,
+            cors_origins,
         })
     }
 }
