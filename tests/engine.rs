@@ -589,3 +589,35 @@ async fn a_result_postgres_cannot_store_fails_that_job_only() {
     .await;
     svc.stop().await.expect("stops cleanly");
 }
+
+/// A completer that falls behind must slow claiming down, not let it run ahead: outcomes waiting to be
+/// written are bounded, and so are the rows left `processing`. Completions are made slow here (a
+/// trigger sleeps a second in every statement that finishes jobs) while claims stay fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_completer_holds_claims_back() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE FUNCTION slow_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM finished WHERE status = 'done') THEN PERFORM pg_sleep(1); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER slow_finish AFTER UPDATE ON jobs REFERENCING NEW TABLE AS finished
+             FOR EACH STATEMENT EXECUTE FUNCTION slow_finish();
+         INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 5000) AS i;",
+    )
+    .await
+    .unwrap();
+    let svc = start_with(db.config(20), common::noop()).await;
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        most = most.max(count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 20 running, at most 64 handed over and one batch of those being written.
+    assert!(most <= 20 + 64 + 64, "{most} jobs stood processing at concurrency 20");
+    assert!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await > 0, "completions went on");
+    svc.stop().await.expect("stops cleanly");
+}

@@ -496,16 +496,15 @@ pub struct Finish {
 /// ran ends cancelled rather than going back to pending for a retry, snooze or release.
 const JOB_FINISH_BATCH: &str = concat!(
     "
-WITH r AS MATERIALIZED (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
-        AS r(id, status, result, error, delay, uncount, attempt)
-), locked AS MATERIALIZED (
+WITH locked AS MATERIALIZED (
     -- Every statement that locks many jobs locks them in id order (the heartbeat too), so that two
-    -- of them on overlapping rows cannot deadlock.
-    SELECT j.id FROM jobs j JOIN r ON j.id = r.id
-    WHERE j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
-    ORDER BY j.id
-    FOR UPDATE OF j
+    -- of them on overlapping rows cannot deadlock. Found through the primary key (= ANY), one probe
+    -- per id: a join against the unnested batch let the planner scan every processing row instead,
+    -- which cut completions from thousands to hundreds a second on a 100,000-job drain.
+    SELECT id FROM jobs
+    WHERE id = ANY($1::uuid[]) AND locked_by = $7 AND status = 'processing'
+    ORDER BY id
+    FOR UPDATE
 )
 UPDATE jobs j
 SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -522,8 +521,9 @@ SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NUL
     locked_by = NULL,
     locked_until = NULL,
     finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
-FROM r
-WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.id = r.id
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
+     AS r(id, status, result, error, delay, uncount, attempt)
+WHERE j.id = r.id AND j.id = ANY(ARRAY(SELECT id FROM locked))
   AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
 RETURNING j.id, j.status"
 );
@@ -556,14 +556,15 @@ pub async fn job_finish_batch(
 /// Rows are locked in id order, as the completer's finishing statement locks them.
 const JOB_HEARTBEAT: &str = "
 WITH locked AS MATERIALIZED (
-    SELECT j.id FROM jobs j
-    JOIN unnest($1::uuid[], $2::int4[]) AS r(id, attempt) ON j.id = r.id AND j.attempts = r.attempt
-    WHERE j.locked_by = $3 AND j.status = 'processing'
-    ORDER BY j.id
-    FOR UPDATE OF j
+    SELECT id FROM jobs
+    WHERE id = ANY($1::uuid[]) AND locked_by = $3 AND status = 'processing'
+    ORDER BY id
+    FOR UPDATE
 )
 UPDATE jobs j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
-WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.locked_by = $3 AND j.status = 'processing'
+FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+WHERE j.id = r.id AND j.attempts = r.attempt AND j.id = ANY(ARRAY(SELECT id FROM locked))
+  AND j.locked_by = $3 AND j.status = 'processing'
 RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL";
 
 /// One held attempt as the heartbeat reports it.

@@ -33,13 +33,16 @@ pub(crate) struct Completer {
 }
 
 impl Completer {
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Finished>) {
+    pub async fn run(self, mut rx: mpsc::Receiver<Finished>) {
         let log = self.shared.log.new(slog::o!("component" => "completer"));
         let mut conn = ConnSlot::new(&self.shared.connector, &log);
         let mut released = 0usize;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            // At most a channel's worth: executors refill the channel while this drains it, and an
+            // unbounded batch would let that many more jobs stand processing (see the engine).
+            let most = MAX_BATCH.min(rx.max_capacity());
+            while batch.len() < most {
                 match rx.try_recv() {
                     Ok(f) => batch.push(f),
                     Err(_) => break,

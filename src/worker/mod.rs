@@ -113,7 +113,10 @@ impl Engine {
         let log = self.shared.log.new(slog::o!("component" => "engine"));
         let _running = health.engine_started();
         let mut failure: Option<String> = None;
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Outcomes handed over but not yet written: at most one per slot of every served queue (and at
+        // least a completer batch's worth), so that memory and the rows left processing are bounded.
+        let slots: usize = self.queues.iter().map(|q| q.config.concurrency).sum();
+        let (tx, rx) = mpsc::channel(slots.clamp(64, 10_000));
         let give_up = CancellationToken::new();
         let completer = completer::Completer {
             shared: self.shared.clone(),
@@ -190,11 +193,19 @@ impl Engine {
             warn!(log, "shutdown timeout reached; interrupting running jobs"; "count" => self.shared.running.len());
             self.shared.hard_stop.cancel();
         }
-        // Executors now finish promptly (the hard stop drops their handlers).
-        while let Some(e) = executors.join_next().await {
-            if let Err(e) = e {
-                failure.get_or_insert(format!("executor {}", join_error_text(e)));
+        // Executors now finish promptly (the hard stop drops their handlers), unless they wait to hand an
+        // outcome to a completer that is gone: bounded, then aborted (their leases will expire).
+        let joined = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = executors.join_next().await {
+                if let Err(e) = e {
+                    failure.get_or_insert(format!("executor {}", join_error_text(e)));
+                }
             }
+        })
+        .await;
+        if joined.is_err() {
+            warn!(log, "executors still waiting to hand over outcomes; abandoning them"; "count" => executors.len());
+            executors.shutdown().await;
         }
         // The completer drains and stops once the last executor has sent its outcome.
         if !completer_done && tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {

@@ -36,7 +36,7 @@ const TIMER_MARGIN: Duration = Duration::from_millis(3);
 pub(crate) async fn run(
     queue: Arc<QueueRuntime>,
     shared: Arc<Shared>,
-    done: mpsc::UnboundedSender<Finished>,
+    done: mpsc::Sender<Finished>,
     shutdown: CancellationToken,
 ) -> (JoinSet<()>, TaskResult) {
     let mut executors = JoinSet::new();
@@ -47,7 +47,7 @@ pub(crate) async fn run(
 async fn claim_loop(
     queue: &Arc<QueueRuntime>,
     shared: &Arc<Shared>,
-    done: &mpsc::UnboundedSender<Finished>,
+    done: &mpsc::Sender<Finished>,
     shutdown: &CancellationToken,
     executors: &mut JoinSet<()>,
 ) -> TaskResult {
