@@ -83,9 +83,20 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     // The clock starts once the instance is up; its start-up sweep is the first claim.
     let started = Instant::now();
     all_started.notified().await;
-    // Wait until the last outcome is recorded, not merely run.
+    // Wait until the last outcome is recorded, not merely run; a drain that stops moving is a failure
+    // to report, not a reason to wait forever.
     let c = pool.get().await?;
-    while db::queries::job_count_unfinished(&*c).await? > 0 {
+    let (mut left, mut moved) = (i64::MAX, Instant::now());
+    loop {
+        let now_left = db::queries::job_count_unfinished(&*c).await?;
+        if now_left == 0 {
+            break;
+        }
+        if now_left < left {
+            (left, moved) = (now_left, Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("the drain stalled: {left} jobs unfinished for 60 s");
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
@@ -101,15 +112,18 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     let total = (args.rate as f64 * latency_for.as_secs_f64()) as u64;
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let t0 = tokio::time::Instant::now();
+    let mut inserts = tokio::task::JoinSet::new();
     for i in 0..total {
         tokio::time::sleep_until(t0 + gap * i as u32).await;
         let pool = pool.clone();
-        tokio::spawn(async move {
+        inserts.spawn(async move {
             if let Ok(c) = pool.get().await {
                 let _ = db::queries::job_insert(&c, &NewJob::new(serde_json::json!({"i": i})).queue(QUEUE)).await;
             }
         });
+        while inserts.try_join_next().is_some() {}
     }
+    while inserts.join_next().await.is_some() {}
     let deadline = Instant::now() + Duration::from_secs(30);
     while (latencies.lock().expect("latencies").len() as u64) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
