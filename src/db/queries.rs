@@ -523,7 +523,11 @@ SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NUL
     finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
      AS r(id, status, result, error, delay, uncount, attempt)
-WHERE j.id = r.id AND j.id = ANY(ARRAY(SELECT id FROM locked))
+-- The batch drives the update (one primary-key probe per row) and is filtered through a hash of the
+-- locked set, which is therefore built, every lock taken, before the first row is written. Filtering
+-- jobs by ANY(locked) instead let the planner drive from jobs and rescan the batch for every row:
+-- 388 ms against 15 ms for 1,000 rows.
+WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
   AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
 RETURNING j.id, j.status"
 );
@@ -563,8 +567,8 @@ WITH locked AS MATERIALIZED (
 )
 UPDATE jobs j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
 FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
-WHERE j.id = r.id AND j.attempts = r.attempt AND j.id = ANY(ARRAY(SELECT id FROM locked))
-  AND j.locked_by = $3 AND j.status = 'processing'
+WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
+  AND j.attempts = r.attempt AND j.locked_by = $3 AND j.status = 'processing'
 RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL";
 
 /// One held attempt as the heartbeat reports it.
