@@ -271,4 +271,16 @@ async fn a_decoding_error_is_a_bug_not_an_outage() {
     assert!(!e.is_retryable());
     let e: jobqueue::db::DbError = c.execute("SELECT no_such_column FROM jobs", &[]).await.unwrap_err().into();
     assert_eq!(e.class(), ErrorClass::Bug, "{e}");
+    // A status this code does not know is an error, never read as some other status; the old names
+    // the API accepts as filters (todo, in_progress) are not stored statuses either.
+    for (text, known) in [("done", true), ("todo", false), ("weird", false)] {
+        let row = c.query_one("SELECT $1::text AS status", &[&text]).await.unwrap();
+        match row.try_get::<_, JobStatus>("status") {
+            Ok(s) => assert!(known && s.as_str() == text, "{text} read as {s}"),
+            Err(e) => {
+                assert!(!known, "{text}: {e}");
+                assert_eq!(jobqueue::db::DbError::from(e).class(), ErrorClass::Bug);
+            }
+        }
+    }
 }
