@@ -209,3 +209,29 @@ async fn stalled_and_surplus_requests_are_refused() {
     }
     assert_eq!(answered, [200, 200], "the two waiters were answered at shutdown");
 }
+
+/// A request with both Transfer-Encoding and Content-Length is refused and the connection closed (RFC
+/// 9112: behind a proxy that frames by the other header it is a smuggling attempt), and nothing it
+/// carries is run: neither its body nor what the other framing would make a second request. Ordinary
+/// keep-alive requests of either framing on one connection still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_body_framing_is_refused() {
+    let db = TestDb::new().await;
+    let p = Proc::jobqueue("smuggling", &["serve"], &db.env());
+    let addr = p.api_addr().await;
+
+    // Content-Length says the body ends early; the rest would be a second POST by the other reading.
+    let smuggled = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"payload\": 1}  \r\n0\r\n\r\nPOST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"payload\": 2}";
+    let r = raw_exchange(addr, smuggled, Duration::from_secs(10)).await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("Transfer-Encoding and Content-Length"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closed: {r}");
+    assert_eq!(common::count(&db.client().await, "SELECT count(*) FROM jobs").await, 0);
+
+    // Keep-alive: a sized request, a chunked one, then a GET, on one connection.
+    let ok = b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"payload\": 1}POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\ne\r\n{\"payload\": 2}\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let r = raw_exchange(addr, ok, Duration::from_secs(10)).await;
+    assert_eq!(r.matches("HTTP/1.1 201").count(), 2, "{r}");
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 1, "{r}");
+    assert_eq!(common::count(&db.client().await, "SELECT count(*) FROM jobs").await, 2);
+}

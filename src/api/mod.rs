@@ -8,6 +8,7 @@
 
 mod access;
 pub mod error;
+mod framing;
 pub mod server;
 
 use std::sync::Arc;

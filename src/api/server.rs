@@ -21,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 use warp::reply::Response;
 use warp::Filter;
 
+use super::framing::{Verdicts, Watch};
 use crate::config::HttpLimits;
 use crate::supervisor::TaskResult;
+use hyper::service::Service as _;
+use warp::Reply;
 
 /// Most header lines in one request.
 const MAX_HEADERS: usize = 100;
@@ -78,7 +81,22 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(warp::service(filter.clone()));
+        let verdicts = Verdicts::default();
+        let warp_service = TowerToHyperService::new(warp::service(filter.clone()));
+        let service = {
+            let verdicts = verdicts.clone();
+            hyper::service::service_fn(move |req| {
+                // Decided beneath hyper, which drops Content-Length before the service could see both.
+                let ambiguous = verdicts.next();
+                let answer = (!ambiguous).then(|| warp_service.call(req));
+                async move {
+                    match answer {
+                        Some(answer) => answer.await,
+                        None => Ok(ambiguous_request()),
+                    }
+                }
+            })
+        };
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             // Runs while a connection waits for a request's head, idle keep-alive included.
@@ -86,7 +104,7 @@ where
             .max_headers(MAX_HEADERS)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(Watch::new(stream, verdicts)), service));
         let log = log.clone();
         connections.spawn(async move {
             if let Err(e) = conn.await {
@@ -105,6 +123,19 @@ where
     }
     connections.shutdown().await;
     Ok(())
+}
+
+/// The answer to a request with both Transfer-Encoding and Content-Length (see [`super::framing`]):
+/// refused, and the connection closed after it, as RFC 9112 asks of a server that may sit behind a proxy.
+fn ambiguous_request() -> Response {
+    let body = serde_json::json!({
+        "error": "bad_request",
+        "message": "a request may not have both Transfer-Encoding and Content-Length",
+    });
+    let mut resp =
+        warp::reply::with_status(warp::reply::json(&body), warp::http::StatusCode::BAD_REQUEST).into_response();
+    resp.headers_mut().insert(warp::http::header::CONNECTION, warp::http::HeaderValue::from_static("close"));
+    resp
 }
 
 /// Errors of one incoming connection that `accept` reports: nothing is wrong with the listener.
