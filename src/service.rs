@@ -15,7 +15,9 @@ use crate::api::{self, ApiState};
 use crate::config::{Config, QueueConfig};
 use crate::db::{self, migrate, DbError, Pool};
 use crate::dispatcher::Dispatcher;
+use crate::instances::Registry;
 use crate::maintenance::Maintenance;
+use crate::remote::{Remote, RemoteSettings};
 use crate::waiters::Waiters;
 use crate::worker::handler::Handler;
 use crate::worker::running::Running;
@@ -142,9 +144,25 @@ impl Builder {
             &log,
         );
         let wakes = engine.wakes();
+        let remote = Remote::new(RemoteSettings {
+            pool: pool.clone(),
+            policies: config.queues.iter().map(|q| (q.name.clone(), q.retry.clone())).collect(),
+            default_retry: config.default_retry.clone(),
+            default_lease: config.job_lease,
+            poll_interval: config.poll_interval,
+            waiters: waiters.clone(),
+            log: log.clone(),
+        });
+        let registry = Registry {
+            pool: pool.clone(),
+            instance_id: config.instance_id.clone(),
+            queues: wakes.keys().cloned().collect(),
+            log: log.clone(),
+        };
         let dispatcher = Dispatcher {
             url: config.database_url.clone(),
             wakes: wakes.clone(),
+            remote: remote.wakes(),
             running: running.clone(),
             ping_interval: Duration::from_secs(10),
             log: log.clone(),
@@ -169,6 +187,7 @@ impl Builder {
             let state = Arc::new(ApiState {
                 pool: pool.clone(),
                 waiters: waiters.clone(),
+                remote: remote.clone(),
                 max_body_bytes: config.max_body_bytes,
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
@@ -180,12 +199,13 @@ impl Builder {
             addr = Some(local);
         }
 
-        let tasks =
+        let mut tasks =
             vec![tokio::spawn(dispatcher.run(shutdown.clone())), tokio::spawn(maintenance.run(shutdown.clone())), {
                 let waiters = waiters.clone();
                 let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());
                 tokio::spawn(async move { waiters.poll(pool, WAITER_POLL, log, shutdown).await })
             }];
+        tasks.push(tokio::spawn(registry.run(shutdown.clone())));
         let engine_task = tokio::spawn(engine.run(shutdown.clone()));
         let supervisor = {
             let (shutdown, log, grace) = (shutdown.clone(), log.clone(), config.shutdown_timeout);

@@ -17,9 +17,20 @@ async fn api_for(
     max_body: u64,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     let pool = jobqueue::db::pool(url, 4).await.unwrap();
+    let waiters = Arc::new(Waiters::default());
+    let remote = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
+        pool: pool.clone(),
+        policies: Default::default(),
+        default_retry: Default::default(),
+        default_lease: std::time::Duration::from_secs(30),
+        poll_interval: std::time::Duration::from_secs(1),
+        waiters: waiters.clone(),
+        log: jobqueue::logging::discard(),
+    });
     routes(Arc::new(ApiState {
         pool,
-        waiters: Arc::new(Waiters::default()),
+        waiters,
+        remote,
         max_body_bytes: max_body,
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),

@@ -22,11 +22,13 @@ pub struct ApiError {
     pub allow: Option<&'static str>,
     /// For 500: the cause, logged but never shown to the client.
     pub internal: Option<String>,
+    /// For 503 when the client should come back: seconds for the `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), job: None, allow: None, internal: None }
+        ApiError { status, code, message: message.into(), job: None, allow: None, internal: None, retry_after: None }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -69,6 +71,21 @@ impl ApiError {
         e
     }
 
+    /// A remote worker's lease call with a token that does not hold the job (any more). `job` is given
+    /// when the call itself ended the job (a heartbeat after the lease of a cancelled job ran out).
+    pub fn lease_lost(message: impl Into<String>, job: Option<Job>) -> Self {
+        let mut e = Self::new(StatusCode::CONFLICT, "lease_lost", message);
+        e.job = job.map(Box::new);
+        e
+    }
+
+    /// Too many requests of one kind are open; come back after `retry_after_secs`.
+    pub fn busy(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
@@ -94,6 +111,9 @@ impl ApiError {
         let mut resp = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         if let Some(allow) = self.allow {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

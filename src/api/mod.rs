@@ -4,9 +4,12 @@
 //! warp merges the rejections of sibling filters by a priority of its own, which turns an unknown path
 //! into a 405 or a bad body into a 404 depending on route order. Here every request reaches exactly
 //! one handler or one error, so 400/404/405/413/415 are exact and every error has the same JSON shape
-//! (see [`error`]). The API inserts and reads jobs; it never claims them.
+//! (see [`error`]). The API inserts and reads jobs; it claims them only on behalf of remote workers
+//! (`remote`, the lease protocol), never for this instance's own engine.
 
 pub mod error;
+mod queues;
+mod remote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +44,8 @@ pub const MAX_LIMIT: i64 = 1000;
 pub struct ApiState {
     pub pool: Pool,
     pub waiters: Arc<Waiters>,
+    /// Remote workers' claims and lease calls.
+    pub remote: Arc<crate::remote::Remote>,
     pub max_body_bytes: u64,
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
@@ -117,6 +122,21 @@ where
         ["jobs", id, "cancel"] if m == Method::POST => cancel(state, parse_id(id)?).await,
         ["jobs", id, "retry"] if m == Method::POST => retry(state, parse_id(id)?).await,
         ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
+        ["jobs", id, call @ ("heartbeat" | "complete" | "fail" | "snooze" | "release")] if m == Method::POST => {
+            remote::lease_call(state, parse_id(id)?, call, read_json_body(state, req, body).await?).await
+        }
+        ["jobs", _, "heartbeat" | "complete" | "fail" | "snooze" | "release"] => {
+            Err(ApiError::method_not_allowed("POST"))
+        }
+        ["queues"] if m == Method::GET => queues::list(state).await,
+        ["queues"] => Err(ApiError::method_not_allowed("GET")),
+        ["queues", queue, "claim"] if m == Method::POST => {
+            remote::claim(state, queues::name(queue)?, read_json_body(state, req, body).await?).await
+        }
+        ["queues", queue, action @ ("pause" | "resume")] if m == Method::POST => {
+            queues::set_paused(state, queues::name(queue)?, *action == "pause").await
+        }
+        ["queues", _, "claim" | "pause" | "resume"] => Err(ApiError::method_not_allowed("POST")),
         _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Only this module issues SQL. The rest of the crate calls the named functions in [`queries`].
 
+pub mod lease;
 pub mod migrate;
 pub mod queries;
+pub mod queues;
 
 use std::collections::HashMap;
 use std::str::FromStr;
