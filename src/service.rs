@@ -151,6 +151,7 @@ impl Builder {
             default_lease: config.job_lease,
             poll_interval: config.poll_interval,
             waiters: waiters.clone(),
+            max_long_polls: crate::remote::MAX_LONG_POLLS,
             log: log.clone(),
         });
         let registry = Registry {

@@ -25,6 +25,7 @@ async fn api_for(
         default_lease: std::time::Duration::from_secs(30),
         poll_interval: std::time::Duration::from_secs(1),
         waiters: waiters.clone(),
+        max_long_polls: jobqueue::remote::MAX_LONG_POLLS,
         log: jobqueue::logging::discard(),
     });
     routes(Arc::new(ApiState {

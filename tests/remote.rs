@@ -229,6 +229,18 @@ async fn cancel_reaches_a_remote_worker_through_its_heartbeat() {
     let cancelled =
         format!("SELECT count(*) FROM jobs WHERE id = '{id}' AND status = 'cancelled' AND locked_by IS NULL");
     assert_eq!(count(&c, &cancelled).await, 1);
+
+    // A worker that fails the job after the request ends it cancelled too, even asking for no retry;
+    // its error is kept.
+    let id = insert(addr, "remote", json!(3)).await;
+    let (_, token) = id_token(&claim(addr, "remote", json!({"worker": "w"})).await[0]);
+    assert_eq!(http(addr, "POST", &format!("/jobs/{id}/cancel"), None).await.status, 202);
+    let r = post(addr, &format!("/jobs/{id}/fail"), json!({"lease_token": token, "error": "stopped", "retry": false}))
+        .await;
+    assert_eq!(
+        (r.status, r.json()["status"].clone(), r.json()["error"].clone()),
+        (200, json!("cancelled"), json!("stopped"))
+    );
     service.stop().await;
 }
 
@@ -390,4 +402,59 @@ async fn jobs_claimed_for_a_client_that_already_left_go_straight_back_to_pending
     let jobs = claim(addr, "remote", json!({"worker": "alive"})).await;
     assert_eq!((jobs[0]["id"].as_str(), jobs[0]["attempts"].as_i64()), (Some(id.as_str()), Some(1)));
     service.stop().await;
+}
+
+#[tokio::test]
+async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
+    use jobqueue::api::{routes, ApiState};
+    use jobqueue::remote::{Remote, RemoteSettings};
+    let db = TestDb::new().await;
+    let pool = jobqueue::db::pool(&db.url, 4).await.unwrap();
+    let waiters = Arc::new(jobqueue::waiters::Waiters::default());
+    let remote = Remote::new(RemoteSettings {
+        pool: pool.clone(),
+        policies: Default::default(),
+        default_retry: Default::default(),
+        default_lease: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(1),
+        waiters: waiters.clone(),
+        max_long_polls: 1,
+        log: jobqueue::logging::discard(),
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let api = routes(Arc::new(ApiState {
+        pool,
+        waiters,
+        remote,
+        max_body_bytes: 1 << 20,
+        shutdown: shutdown.clone(),
+        log: jobqueue::logging::discard(),
+    }));
+    let request = |wait: &str| {
+        warp::test::request()
+            .method("POST")
+            .path("/queues/remote/claim")
+            .header("content-type", "application/json")
+            .body(json!({"worker": "w", "wait": wait}).to_string())
+    };
+    let first = tokio::spawn({
+        let (api, req) = (api.clone(), request("30s"));
+        async move { req.reply(&api).await }
+    });
+    // This test runs on one thread: the spawned long-poll runs at the next yield and takes the only
+    // slot before its first real wait (the database).
+    tokio::task::yield_now().await;
+    assert!(!first.is_finished());
+    let busy = request("1s").reply(&api).await;
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers().get("retry-after").unwrap(), "1");
+    let body: Value = serde_json::from_slice(busy.body()).unwrap();
+    assert_eq!(body["error"], "busy");
+    // A claim without wait holds no long-poll slot, so it is still answered.
+    assert_eq!(request("0s").reply(&api).await.status(), 200);
+    // Shutdown answers the waiting claim at once, with what it has.
+    shutdown.cancel();
+    let first = tokio::time::timeout(Duration::from_secs(5), first).await.expect("answered on shutdown").unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(serde_json::from_slice::<Value>(first.body()).unwrap(), json!({"jobs": []}));
 }

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::{decode, parse_json, reply, ApiState};
 use crate::config::parse_duration;
 use crate::db::lease::Beat;
-use crate::remote::{Claim, Ending, RemoteError, MAX_LONG_POLLS};
+use crate::remote::{Claim, Ending, RemoteError};
 
 /// Longest name a worker may give itself (it is stored in `locked_by`).
 pub const WORKER_NAME_MAX: usize = 128;
@@ -97,7 +97,7 @@ pub(super) async fn claim(state: &ApiState, queue: String, body: Bytes) -> Resul
     let lease = duration_field("lease", b.lease.as_deref(), LEASE_RANGE)?.unwrap_or(state.remote.default_lease);
     let wait = duration_field("wait", b.wait.as_deref(), (Duration::ZERO, CLAIM_WAIT_MAX))?.unwrap_or_default();
     let c = Claim { queue, worker: b.worker, max, lease, wait };
-    let jobs = state.remote.claim(&c, &state.shutdown).await.map_err(remote_error)?;
+    let jobs = state.remote.claim(&c, &state.shutdown).await.map_err(|e| remote_error(state, e))?;
     let jobs: Vec<Value> = jobs
         .into_iter()
         .map(|l| {
@@ -120,7 +120,7 @@ pub(super) async fn lease_call(state: &ApiState, id: Uuid, call: &str, body: Byt
         "heartbeat" => {
             only(call, &b, &["lease"])?;
             let lease = duration_field("lease", b.lease.as_deref(), LEASE_RANGE)?.unwrap_or(state.remote.default_lease);
-            return match state.remote.heartbeat(id, token, lease).await.map_err(remote_error)? {
+            return match state.remote.heartbeat(id, token, lease).await.map_err(|e| remote_error(state, e))? {
                 Beat::Held { lease_expires_at, cancel_requested } => Ok(reply(
                     StatusCode::OK,
                     &json!({ "lease_expires_at": lease_expires_at, "cancel_requested": cancel_requested }),
@@ -158,7 +158,7 @@ pub(super) async fn lease_call(state: &ApiState, id: Uuid, call: &str, body: Byt
             Ending::Release
         }
     };
-    let job = state.remote.finish(id, token, ending).await.map_err(remote_error)?;
+    let job = state.remote.finish(id, token, ending).await.map_err(|e| remote_error(state, e))?;
     Ok(reply(StatusCode::OK, &job))
 }
 
@@ -176,12 +176,13 @@ fn lost(job: Option<Box<crate::job::Job>>) -> ApiError {
     }
 }
 
-fn remote_error(e: RemoteError) -> ApiError {
+fn remote_error(state: &ApiState, e: RemoteError) -> ApiError {
     match e {
         RemoteError::LeaseLost(job) => lost(job),
-        RemoteError::Busy => {
-            ApiError::busy(format!("{MAX_LONG_POLLS} claims are already waiting on this instance; try again"), 1)
-        }
+        RemoteError::Busy => ApiError::busy(
+            format!("{} claims are already waiting on this instance; try again", state.remote.max_long_polls),
+            1,
+        ),
         RemoteError::Db(e) => e.into(),
     }
 }

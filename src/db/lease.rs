@@ -57,17 +57,27 @@ pub struct Held {
     pub queue: String,
     pub attempts: i32,
     pub max_attempts: Option<i32>,
+    pub cancel_requested: bool,
 }
 
 /// The attempt `token` holds, if it still holds one.
 pub async fn job_held(client: &impl GenericClient, id: Uuid, token: &str) -> Result<Option<Held>, DbError> {
     let row = client
         .query_opt(
-            "SELECT queue, attempts, max_attempts FROM jobs WHERE id = $1 AND lease_token = $2 AND status = 'processing'",
+            "SELECT queue, attempts, max_attempts, cancel_requested_at IS NOT NULL FROM jobs
+             WHERE id = $1 AND lease_token = $2 AND status = 'processing'",
             &[&id, &token],
         )
         .await?;
-    row.map(|r| Ok(Held { queue: r.try_get(0)?, attempts: r.try_get(1)?, max_attempts: r.try_get(2)? })).transpose()
+    row.map(|r| {
+        Ok(Held {
+            queue: r.try_get(0)?,
+            attempts: r.try_get(1)?,
+            max_attempts: r.try_get(2)?,
+            cancel_requested: r.try_get(3)?,
+        })
+    })
+    .transpose()
 }
 
 /// The answer to a heartbeat whose token still held the job.

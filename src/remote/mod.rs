@@ -26,7 +26,7 @@ use crate::waiters::Waiters;
 use crate::worker::{finish_for, Attempt, Outcome};
 pub use wakes::QueueWakes;
 
-/// Most long-polls (claims with a `wait`) one instance keeps open at once. Each costs a task and a
+/// Most long-polls (claims with a `wait`) one instance keeps open at once, by default. Each costs a task and a
 /// socket, not a database connection (it holds one only while it claims); the cap keeps a flood of
 /// idle workers from exhausting file descriptors. Over it, a claim is answered 503 with Retry-After.
 pub const MAX_LONG_POLLS: usize = 1024;
@@ -87,6 +87,8 @@ pub struct RemoteSettings {
     /// How often a long-poll looks at the table when no wake-up came (`POLL_INTERVAL`).
     pub poll_interval: Duration,
     pub waiters: Arc<Waiters>,
+    /// Most long-polls open at once ([`MAX_LONG_POLLS`] in the service).
+    pub max_long_polls: usize,
     pub log: Logger,
 }
 
@@ -98,6 +100,7 @@ pub struct Remote {
     poll_interval: Duration,
     wakes: Arc<QueueWakes>,
     long_polls: Arc<Semaphore>,
+    pub max_long_polls: usize,
     finisher: mpsc::UnboundedSender<finisher::Request>,
     log: Logger,
 }
@@ -115,7 +118,8 @@ impl Remote {
             default_lease: s.default_lease,
             poll_interval: s.poll_interval,
             wakes: Arc::new(QueueWakes::default()),
-            long_polls: Arc::new(Semaphore::new(MAX_LONG_POLLS)),
+            long_polls: Arc::new(Semaphore::new(s.max_long_polls)),
+            max_long_polls: s.max_long_polls,
             finisher: tx,
             log,
         })
@@ -186,7 +190,7 @@ impl Remote {
                 warn!(this.log, "client went away during a claim; releasing its jobs";
                       "queue" => &c.queue, "count" => claimed.jobs.len());
                 for l in claimed.jobs {
-                    this.end(&l.job.queue, attempt_of(&l.job), l.lease_token, Ending::Release, None);
+                    this.end(&l.job.queue, attempt_of(&l.job), l.lease_token, Ending::Release, false, None);
                 }
             }
         });
@@ -220,7 +224,7 @@ impl Remote {
         };
         let attempt = Attempt { id, queue: held.queue.clone(), number: held.attempts, max_attempts: held.max_attempts };
         let (tx, rx) = oneshot::channel();
-        self.end(&held.queue, attempt, token.to_string(), ending, Some(tx));
+        self.end(&held.queue, attempt, token.to_string(), ending, held.cancel_requested, Some(tx));
         match rx.await {
             Ok(Ok(Some(job))) => Ok(job),
             // Between the read and the write the lease went elsewhere (rescued, another call won).
@@ -236,9 +240,11 @@ impl Remote {
         attempt: Attempt,
         lease_token: String,
         ending: Ending,
+        cancel_requested: bool,
         reply: Option<oneshot::Sender<Result<Option<Job>, DbError>>>,
     ) {
         let released = matches!(ending, Ending::Release);
+        let failed = matches!(ending, Ending::Fail { .. });
         let outcome = match ending {
             Ending::Complete(v) => Outcome::Done(v),
             Ending::Fail { error, retry: true, retry_after } => Outcome::Error { message: error, after: retry_after },
@@ -246,7 +252,16 @@ impl Remote {
             Ending::Snooze(d) => Outcome::Snooze(d),
             Ending::Release => Outcome::Released,
         };
-        let finish = finish_for(&attempt, outcome, self.policy(queue)).expect("only a lost lease writes nothing");
+        let mut finish = finish_for(&attempt, outcome, self.policy(queue)).expect("only a lost lease writes nothing");
+        if failed && cancel_requested {
+            // A remote worker that fails a job whose cancellation was requested ends it cancelled
+            // (with its error recorded), whether or not it asked for a retry: it may well have failed
+            // because it was told to stop. Written as a retry, which the statement turns into
+            // cancelled because `cancel_requested_at` is set (a request is never withdrawn while the
+            // job is processing).
+            finish.status = crate::job::JobStatus::Pending;
+            finish.delay = Duration::ZERO;
+        }
         let request = finisher::Request {
             finish: LeasedFinish { finish, lease_token },
             queue: queue.to_string(),
