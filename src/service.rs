@@ -145,6 +145,7 @@ impl Builder {
         );
         let wakes = engine.wakes();
         let remote = Remote::new(RemoteSettings {
+            url: config.database_url.clone(),
             pool: pool.clone(),
             policies: config.queues.iter().map(|q| (q.name.clone(), q.retry.clone())).collect(),
             default_retry: config.default_retry.clone(),

@@ -19,6 +19,7 @@ async fn api_for(
     let pool = jobqueue::db::pool(url, 4).await.unwrap();
     let waiters = Arc::new(Waiters::default());
     let remote = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
+        url: url.to_string(),
         pool: pool.clone(),
         policies: Default::default(),
         default_retry: Default::default(),

@@ -412,6 +412,7 @@ async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
     let pool = jobqueue::db::pool(&db.url, 4).await.unwrap();
     let waiters = Arc::new(jobqueue::waiters::Waiters::default());
     let remote = Remote::new(RemoteSettings {
+        url: db.url.clone(),
         pool: pool.clone(),
         policies: Default::default(),
         default_retry: Default::default(),

@@ -8,8 +8,10 @@ use slog::{info, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use tokio::time::timeout;
+
 use crate::db::lease::{self, LeasedFinish};
-use crate::db::{queries, DbError, Pool};
+use crate::db::{queries, ConnSlot, DbError, STATEMENT_DEADLINE};
 use crate::job::{Job, JobStatus};
 use crate::waiters::Waiters;
 
@@ -27,8 +29,10 @@ pub(crate) struct Request {
     pub reply: Option<oneshot::Sender<Result<Option<Job>, DbError>>>,
 }
 
-pub(crate) async fn run(pool: Pool, waiters: Arc<Waiters>, log: Logger, mut rx: mpsc::UnboundedReceiver<Request>) {
+pub(crate) async fn run(url: String, waiters: Arc<Waiters>, log: Logger, mut rx: mpsc::UnboundedReceiver<Request>) {
     let log = log.new(slog::o!("component" => "remote-finisher"));
+    // A dedicated connection with the statement prepared once, like the engine's completer.
+    let mut conn = ConnSlot::new(&url, &log);
     let mut carry: Vec<Request> = Vec::new();
     loop {
         let mut pending = std::mem::take(&mut carry);
@@ -55,26 +59,16 @@ pub(crate) async fn run(pool: Pool, waiters: Arc<Waiters>, log: Logger, mut rx: 
                 carry.push(r);
             }
         }
-        write(&pool, &waiters, &log, batch).await;
+        write(&mut conn, &waiters, &log, batch).await;
     }
 }
 
-async fn write(pool: &Pool, waiters: &Waiters, log: &Logger, mut batch: Vec<Request>) {
+async fn write(conn: &mut ConnSlot, waiters: &Waiters, log: &Logger, mut batch: Vec<Request>) {
     // One lock order for every batch: by id.
     batch.sort_by_key(|r| r.finish.finish.id);
     let rows: Vec<LeasedFinish> = batch.iter().map(|r| r.finish.clone()).collect();
-    let client = match pool.get().await {
-        Ok(c) => c,
-        Err(e) => {
-            let e = DbError::from(e);
-            warn!(log, "could not record remote outcomes"; "count" => batch.len(), "err" => %e);
-            for r in batch {
-                answer(r, Err(DbError::Pool(e.to_string())));
-            }
-            return;
-        }
-    };
-    let mut results: Vec<Result<Option<Job>, DbError>> = match lease::job_finish_leased(&*client, &rows).await {
+    let written = timeout(STATEMENT_DEADLINE, async { lease::job_finish_leased(conn.get().await?, &rows).await }).await;
+    let mut results: Vec<Result<Option<Job>, DbError>> = match conn.settle(written) {
         Ok(jobs) => {
             let mut by_id: HashMap<Uuid, Job> = jobs.into_iter().map(|j| (j.id, j)).collect();
             batch.iter().map(|r| Ok(by_id.remove(&r.finish.finish.id))).collect()
@@ -84,7 +78,11 @@ async fn write(pool: &Pool, waiters: &Waiters, log: &Logger, mut batch: Vec<Requ
             warn!(log, "batch of remote outcomes refused; writing them one by one"; "err" => %e);
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
-                out.push(lease::job_finish_leased(&*client, std::slice::from_ref(row)).await.map(|mut j| j.pop()));
+                let one = timeout(STATEMENT_DEADLINE, async {
+                    lease::job_finish_leased(conn.get().await?, std::slice::from_ref(row)).await
+                })
+                .await;
+                out.push(conn.settle(one).map(|mut j| j.pop()));
             }
             out
         }
@@ -115,11 +113,11 @@ async fn write(pool: &Pool, waiters: &Waiters, log: &Logger, mut batch: Vec<Requ
     waiters.finished(&finished);
     if !released.is_empty() {
         let queues: Vec<String> = released.into_iter().collect();
-        if let Err(e) = queries::queue_notify(&*client, &queues).await {
+        let notified = async { queries::queue_notify(conn.get().await?.client(), &queues).await };
+        if let Err(e) = notified.await {
             warn!(log, "could not announce released jobs"; "err" => %e);
         }
     }
-    drop(client);
     for (r, result) in batch.into_iter().zip(results) {
         answer(r, result);
     }

@@ -77,6 +77,8 @@ pub enum Ending {
 }
 
 pub struct RemoteSettings {
+    /// For the writer of outcomes, which keeps a dedicated connection.
+    pub url: String,
     pub pool: Pool,
     /// Retry policies of the queues configured on this instance.
     pub policies: HashMap<String, RetryPolicy>,
@@ -110,7 +112,7 @@ impl Remote {
     pub fn new(s: RemoteSettings) -> Arc<Remote> {
         let log = s.log.new(slog::o!("component" => "remote"));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(finisher::run(s.pool.clone(), s.waiters, log.clone(), rx));
+        tokio::spawn(finisher::run(s.url, s.waiters, log.clone(), rx));
         Arc::new(Remote {
             pool: s.pool,
             policies: s.policies,
