@@ -107,7 +107,8 @@ async fn four_remote_clients_work_5000_jobs_each_exactly_once() {
 #[tokio::test]
 async fn a_long_poll_returns_with_a_job_inserted_while_it_waits() {
     let db = TestDb::new().await;
-    let (service, addr) = start(db.config(1)).await;
+    // Only the insert's notification can end the wait in time: the fallback poll is a minute away.
+    let (service, addr) = start(Config { poll_interval: Duration::from_secs(60), ..db.config(1) }).await;
     let waiting =
         tokio::spawn(
             async move { claim(addr, "remote", json!({"worker": "poller", "wait": "30s", "lease": "45s"})).await },
@@ -131,6 +132,34 @@ async fn a_long_poll_returns_with_a_job_inserted_while_it_waits() {
     // The token is shown to the claimer only.
     let got = http(addr, "GET", &format!("/jobs/{id}"), None).await;
     assert!(!got.body.contains(token) && !got.body.contains("lease_token"), "{}", got.body);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_insert_of_many_jobs_reaches_as_many_waiting_workers_as_it_needs() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let (service, addr) = start(Config { poll_interval: Duration::from_secs(60), ..db.config(1) }).await;
+    let waiters: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(async move {
+                claim(addr, "remote", json!({"worker": format!("w{i}"), "max": 2, "wait": "30s"})).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(waiters.iter().all(|w| !w.is_finished()), "claims with wait answered before any job existed");
+    // One statement, one notification, which wakes one waiter; each full claim wakes the next.
+    c.execute("INSERT INTO jobs (queue, payload) SELECT 'remote', to_jsonb(i) FROM generate_series(1, 6) i", &[])
+        .await
+        .unwrap();
+    let mut got = HashSet::new();
+    for w in waiters {
+        let jobs = tokio::time::timeout(Duration::from_secs(5), w).await.expect("every waiter woken").unwrap();
+        assert_eq!(jobs.len(), 2);
+        got.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(got.len(), 6);
     service.stop().await;
 }
 

@@ -150,10 +150,16 @@ impl Remote {
         };
         let registration = (!c.wait.is_zero()).then(|| self.wakes.register(&c.queue));
         loop {
-            // Created before the claim: `notify_waiters` reaches a `Notified` from the moment it exists,
-            // so a wake-up that arrives while the claim runs is not lost.
-            let notified = registration.as_ref().map(|r| r.notify.notified());
+            // Enabled before the claim, so that a wake-up arriving while the claim runs is kept.
+            let mut notified = registration.as_ref().map(|r| Box::pin(r.notify.notified()));
+            if let Some(n) = notified.as_mut() {
+                n.as_mut().enable();
+            }
             let claimed = self.claim_once(c).await?;
+            if claimed.jobs.len() as i64 == c.max {
+                // There may be more: pass the wake-up on to the queue's next waiter.
+                self.wakes.wake(&c.queue);
+            }
             let now = Instant::now();
             if !claimed.jobs.is_empty() || now >= deadline {
                 return Ok(claimed.jobs);
@@ -187,11 +193,14 @@ impl Remote {
                 lease::job_claim_leased(&*client, &c.queue, c.max, &c.worker, c.lease, max_attempts).await
             }
             .await;
-            if let Err(Ok(claimed)) = tx.send(claimed) {
+            if let Err(Ok(claimed)) = tx.send(claimed).map_err(|r| r.map(|c| c.jobs)) {
+                if claimed.is_empty() {
+                    return;
+                }
                 // Nobody will ever see these jobs: the request that asked for them is gone.
                 warn!(this.log, "client went away during a claim; releasing its jobs";
-                      "queue" => &c.queue, "count" => claimed.jobs.len());
-                for l in claimed.jobs {
+                      "queue" => &c.queue, "count" => claimed.len());
+                for l in claimed {
                     this.end(&l.job.queue, attempt_of(&l.job), l.lease_token, Ending::Release, false, None);
                 }
             }

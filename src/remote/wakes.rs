@@ -1,11 +1,12 @@
 //! Wake-ups for remote long-polls, per queue.
 //!
-//! The dispatcher wakes a queue's producer with `notify_one`; remote waiters are different: any number
-//! of HTTP requests may wait on one queue, from any queue name a client chooses. So each queue that
-//! has waiters right now has a [`Notify`] here, woken with `notify_waiters` (every waiter tries; the
-//! claim's `SKIP LOCKED` sorts out who gets what), and its entry goes when its last waiter does.
-//! A waiter must `enable()` its `Notified` before it claims, so a wake-up between an empty claim and
-//! the wait is not lost.
+//! Any number of HTTP requests may wait on one queue, from any queue name a client chooses, so each
+//! queue that has waiters right now has a [`Notify`] here, and its entry goes when its last waiter
+//! does. A notification wakes one waiter (`notify_one`), not all of them: with a thousand idle workers,
+//! one inserted job must not cost a thousand claims. A waiter whose claim came back full passes the
+//! wake-up on, so a large insert still reaches as many waiters as it needs. A waiter must `enable()`
+//! its `Notified` before it claims, so a wake-up between an empty claim and the wait is not lost; one
+//! that is dropped after being woken hands the wake-up to the next waiter (tokio does that).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,10 +25,10 @@ impl QueueWakes {
         Registration { wakes: self.clone(), queue: queue.to_string(), notify }
     }
 
-    /// Wakes every remote waiter of `queue` on this instance.
+    /// Wakes one remote waiter of `queue` on this instance (or the next to wait, if none waits now).
     pub fn wake(&self, queue: &str) {
         if let Some(n) = self.queues.lock().expect("wakes poisoned").get(queue) {
-            n.notify_waiters();
+            n.notify_one();
         }
     }
 
