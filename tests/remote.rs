@@ -488,3 +488,28 @@ async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
     assert_eq!(first.status(), 200);
     assert_eq!(serde_json::from_slice::<Value>(first.body()).unwrap(), json!({"jobs": []}));
 }
+
+#[tokio::test]
+async fn get_queues_lists_live_instances_only_and_queues_without_jobs() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let (service, addr) = start(Config { instance_id: "alive".into(), ..db.config(1) }).await;
+    // A crashed instance: its row stopped being refreshed two minutes ago.
+    c.execute("INSERT INTO instances (id, queues, heartbeat_at) VALUES ('crashed', '{default,gone}', now() - interval '2 minutes')", &[])
+        .await
+        .unwrap();
+    assert_eq!(http(addr, "POST", "/queues/empty/pause", None).await.status, 200);
+    let queues = eventually(Duration::from_secs(15), "this instance registered", || async {
+        let q = http(addr, "GET", "/queues", None).await.json();
+        let q = q["queues"].as_array()?.clone();
+        q.iter().any(|q| q["queue"] == "default" && q["instances"] == json!(["alive"])).then_some(q)
+    })
+    .await;
+    let names: Vec<&str> = queues.iter().map(|q| q["queue"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "empty"], "a dead instance's queues are not listed");
+    assert_eq!(queues[1]["paused"], true);
+    assert_eq!(queues[1]["pending"], 0);
+    // A clean stop removes the instance's own row.
+    service.stop().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM instances WHERE id = 'alive'").await, 0);
+}
