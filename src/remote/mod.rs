@@ -4,7 +4,7 @@
 //! A remote worker is not an instance: it holds jobs only through the `lease_token` of each attempt,
 //! which every later call presents. Claims run `JOB_CLAIM` like the producers do; endings go through
 //! the engine's `finish_for` and the same retry policies, and are written in batches by the
-//! [`finisher`]; the rescuer returns expired remote leases exactly like in-process ones.
+//! `finisher`; the rescuer returns expired remote leases exactly like in-process ones.
 
 mod finisher;
 pub mod wakes;
