@@ -65,31 +65,33 @@ pub async fn job_claim_leased(
 /// What a held attempt looks like to [`job_finish_leased`]'s caller: enough to apply the retry policy.
 #[derive(Debug, Clone)]
 pub struct Held {
+    pub id: Uuid,
     pub queue: String,
     pub attempts: i32,
     pub max_attempts: Option<i32>,
     pub cancel_requested: bool,
 }
 
-/// The attempt `token` holds, if it still holds one.
-pub async fn job_held(client: &impl GenericClient, id: Uuid, token: &str) -> Result<Option<Held>, DbError> {
-    let rows = client
-        .query_typed(
-            "SELECT queue, attempts, max_attempts, cancel_requested_at IS NOT NULL FROM jobs
-             WHERE id = $1 AND lease_token = $2 AND status = 'processing'",
-            &[(&id, Type::UUID), (&token, Type::TEXT)],
-        )
-        .await?;
-    let row = rows.into_iter().next();
-    row.map(|r| {
-        Ok(Held {
-            queue: r.try_get(0)?,
-            attempts: r.try_get(1)?,
-            max_attempts: r.try_get(2)?,
-            cancel_requested: r.try_get(3)?,
+/// Which of the `(ids[i], tokens[i])` pairs still hold their job, and the attempt each holds.
+const JOBS_HELD: &str = "
+SELECT j.id, j.queue, j.attempts, j.max_attempts, j.cancel_requested_at IS NOT NULL
+FROM unnest($1::uuid[], $2::text[]) AS r(id, token)
+JOIN jobs j ON j.id = r.id AND j.lease_token = r.token AND j.status = 'processing'";
+
+pub async fn jobs_held(conn: &mut Conn, ids: &[Uuid], tokens: &[&str]) -> Result<Vec<Held>, DbError> {
+    let (client, stmt) = conn.prepared(JOBS_HELD).await?;
+    let rows = client.query(&stmt, &[&ids, &tokens]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Held {
+                id: r.try_get(0)?,
+                queue: r.try_get(1)?,
+                attempts: r.try_get(2)?,
+                max_attempts: r.try_get(3)?,
+                cancel_requested: r.try_get(4)?,
+            })
         })
-    })
-    .transpose()
+        .collect()
 }
 
 /// The answer to a heartbeat whose token still held the job.

@@ -19,9 +19,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::lease::{self, Beat, Leased, LeasedClaim, LeasedFinish};
+use crate::db::lease::{self, Beat, Held, Leased, LeasedClaim};
+use crate::db::queries::Finish;
 use crate::db::{DbError, Pool};
-use crate::job::{Job, RetryPolicy};
+use crate::job::{Job, JobStatus, RetryPolicy};
 use crate::waiters::Waiters;
 use crate::worker::{finish_for, Attempt, Outcome};
 pub use wakes::QueueWakes;
@@ -94,10 +95,21 @@ pub struct RemoteSettings {
     pub log: Logger,
 }
 
+/// The retry policy of each queue: as configured on this instance, else the instance's default.
+pub(crate) struct Policies {
+    by_queue: HashMap<String, RetryPolicy>,
+    default: RetryPolicy,
+}
+
+impl Policies {
+    pub(crate) fn get(&self, queue: &str) -> &RetryPolicy {
+        self.by_queue.get(queue).unwrap_or(&self.default)
+    }
+}
+
 pub struct Remote {
     pool: Pool,
-    policies: HashMap<String, RetryPolicy>,
-    default_retry: RetryPolicy,
+    policies: Arc<Policies>,
     pub default_lease: Duration,
     poll_interval: Duration,
     wakes: Arc<QueueWakes>,
@@ -112,11 +124,13 @@ impl Remote {
     pub fn new(s: RemoteSettings) -> Arc<Remote> {
         let log = s.log.new(slog::o!("component" => "remote"));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(finisher::run(s.url, s.waiters, log.clone(), rx));
+        let policies = Arc::new(Policies { by_queue: s.policies, default: s.default_retry });
+        let finisher =
+            finisher::Finisher { url: s.url, policies: policies.clone(), waiters: s.waiters, log: log.clone() };
+        tokio::spawn(finisher.run(rx));
         Arc::new(Remote {
             pool: s.pool,
-            policies: s.policies,
-            default_retry: s.default_retry,
+            policies,
             default_lease: s.default_lease,
             poll_interval: s.poll_interval,
             wakes: Arc::new(QueueWakes::default()),
@@ -130,10 +144,6 @@ impl Remote {
     /// The per-queue wake-ups, for the dispatcher.
     pub fn wakes(&self) -> Arc<QueueWakes> {
         self.wakes.clone()
-    }
-
-    fn policy(&self, queue: &str) -> &RetryPolicy {
-        self.policies.get(queue).unwrap_or(&self.default_retry)
     }
 
     /// Claims up to `c.max` jobs; with a `wait`, waits for the first one as long as that.
@@ -187,7 +197,7 @@ impl Remote {
         let this = self.clone();
         let c = c.clone();
         tokio::spawn(async move {
-            let max_attempts = this.policy(&c.queue).max_attempts;
+            let max_attempts = this.policies.get(&c.queue).max_attempts;
             let claimed = async {
                 let client = this.pool.get().await?;
                 lease::job_claim_leased(&*client, &c.queue, c.max, &c.worker, c.lease, max_attempts).await
@@ -201,7 +211,7 @@ impl Remote {
                 warn!(this.log, "client went away during a claim; releasing its jobs";
                       "queue" => &c.queue, "count" => claimed.len());
                 for l in claimed {
-                    this.end(&l.job.queue, attempt_of(&l.job), l.lease_token, Ending::Release, false, None);
+                    this.end(l.job.id, l.lease_token, Ending::Release, None);
                 }
             }
         });
@@ -226,59 +236,18 @@ impl Remote {
 
     /// Ends one attempt as the worker reports, and returns the job as written.
     pub async fn finish(&self, id: Uuid, token: &str, ending: Ending) -> Result<Job, RemoteError> {
-        let held = {
-            let client = self.pool.get().await?;
-            lease::job_held(&*client, id, token).await?
-        };
-        let Some(held) = held else {
-            return Err(RemoteError::LeaseLost(None));
-        };
-        let attempt = Attempt { id, queue: held.queue.clone(), number: held.attempts, max_attempts: held.max_attempts };
         let (tx, rx) = oneshot::channel();
-        self.end(&held.queue, attempt, token.to_string(), ending, held.cancel_requested, Some(tx));
+        self.end(id, token.to_string(), ending, Some(tx));
         match rx.await {
             Ok(Ok(Some(job))) => Ok(job),
-            // Between the read and the write the lease went elsewhere (rescued, another call won).
             Ok(Ok(None)) => Err(RemoteError::LeaseLost(None)),
             Ok(Err(e)) => Err(RemoteError::Db(e)),
             Err(_) => Err(RemoteError::Db(DbError::Pool("remote finisher stopped".into()))),
         }
     }
 
-    fn end(
-        &self,
-        queue: &str,
-        attempt: Attempt,
-        lease_token: String,
-        ending: Ending,
-        cancel_requested: bool,
-        reply: Option<oneshot::Sender<Result<Option<Job>, DbError>>>,
-    ) {
-        let released = matches!(ending, Ending::Release);
-        let failed = matches!(ending, Ending::Fail { .. });
-        let outcome = match ending {
-            Ending::Complete(v) => Outcome::Done(v),
-            Ending::Fail { error, retry: true, retry_after } => Outcome::Error { message: error, after: retry_after },
-            Ending::Fail { error, retry: false, .. } => Outcome::Fail(error),
-            Ending::Snooze(d) => Outcome::Snooze(d),
-            Ending::Release => Outcome::Released,
-        };
-        let mut finish = finish_for(&attempt, outcome, self.policy(queue)).expect("only a lost lease writes nothing");
-        if failed && cancel_requested {
-            // A remote worker that fails a job whose cancellation was requested ends it cancelled
-            // (with its error recorded), whether or not it asked for a retry: it may well have failed
-            // because it was told to stop. Written as a retry, which the statement turns into
-            // cancelled because `cancel_requested_at` is set (a request is never withdrawn while the
-            // job is processing).
-            finish.status = crate::job::JobStatus::Pending;
-            finish.delay = Duration::ZERO;
-        }
-        let request = finisher::Request {
-            finish: LeasedFinish { finish, lease_token },
-            queue: queue.to_string(),
-            released,
-            reply,
-        };
+    fn end(&self, id: Uuid, lease_token: String, ending: Ending, reply: Option<oneshot::Sender<finisher::Answer>>) {
+        let request = finisher::Request { id, lease_token, ending, reply };
         if let Err(mpsc::error::SendError(r)) = self.finisher.send(request) {
             if let Some(tx) = r.reply {
                 let _ = tx.send(Err(DbError::Pool("remote finisher stopped".into())));
@@ -287,6 +256,26 @@ impl Remote {
     }
 }
 
-fn attempt_of(job: &Job) -> Attempt {
-    Attempt { id: job.id, queue: job.queue.clone(), number: job.attempts, max_attempts: job.max_attempts }
+/// The row to write for a remote attempt's ending: the engine's `finish_for`, with the queue's policy.
+pub(crate) fn finish_of(held: &Held, ending: Ending, policy: &RetryPolicy) -> Finish {
+    let attempt =
+        Attempt { id: held.id, queue: held.queue.clone(), number: held.attempts, max_attempts: held.max_attempts };
+    let failed = matches!(ending, Ending::Fail { .. });
+    let outcome = match ending {
+        Ending::Complete(v) => Outcome::Done(v),
+        Ending::Fail { error, retry: true, retry_after } => Outcome::Error { message: error, after: retry_after },
+        Ending::Fail { error, retry: false, .. } => Outcome::Fail(error),
+        Ending::Snooze(d) => Outcome::Snooze(d),
+        Ending::Release => Outcome::Released,
+    };
+    let mut finish = finish_for(&attempt, outcome, policy).expect("only a lost lease writes nothing");
+    if failed && held.cancel_requested {
+        // A remote worker that fails a job whose cancellation was requested ends it cancelled (with
+        // its error recorded), whether or not it asked for a retry: it may well have failed because it
+        // was told to stop. Written as a retry, which the statement turns into cancelled because
+        // `cancel_requested_at` is set (a request is never withdrawn while the job is processing).
+        finish.status = JobStatus::Pending;
+        finish.delay = Duration::ZERO;
+    }
+    finish
 }
