@@ -3,16 +3,16 @@
 --
 -- Forward-only, like every migration: V1 and V2 are never edited.
 
--- The credential of one attempt. Every claim (in-process or over HTTP) writes a fresh value: two
--- gen_random_uuid() values, which come from PostgreSQL's strong random source, give 244 random bits
--- as 64 hex digits. Remote workers present it on heartbeat, complete, fail, snooze and release; those
--- statements match it together with status = 'processing', so a token only means something while its
--- attempt runs, and the next claim replaces it. Deliberately in no index: heartbeats rewrite
--- locked_until on the same row, and they stay HOT.
+-- The credential of one attempt. Every claim over HTTP writes a fresh value: two gen_random_uuid()
+-- values, which come from PostgreSQL's strong random source, give 244 random bits as 64 hex digits;
+-- an in-process claim writes NULL, which matches no token. Remote workers present it on heartbeat,
+-- complete, fail, snooze and release; those statements match it together with status =
+-- 'processing', so a token only means something while its attempt runs, and the next claim replaces
+-- it. Deliberately in no index: heartbeats rewrite locked_until on the same row, and they stay HOT.
 ALTER TABLE jobs ADD COLUMN lease_token text;
 
 COMMENT ON COLUMN jobs.lease_token IS
-    'Secret bound to the current attempt, set by every claim; remote lease calls are fenced on it. Never shown by the API outside the claim answer.';
+    'Secret bound to the current remote attempt, set by every remote claim (NULL for in-process claims); remote lease calls are fenced on it. Shown only in the claim answer.';
 
 -- A queue exists as soon as a job names it; a row here holds its settings. Today that is only
 -- whether it is paused: every claim, on every instance and over HTTP, skips a paused queue. Inserts

@@ -43,12 +43,13 @@ pub async fn job_claim_leased(
     default_max_attempts: i32,
 ) -> Result<LeasedClaim, DbError> {
     // Typed parameters: one round trip on a pooled connection, where an unprepared `query` costs two.
-    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+    let params: [(&(dyn ToSql + Sync), Type); 6] = [
         (&queue, Type::TEXT),
         (&limit, Type::INT8),
         (&worker, Type::TEXT),
         (&secs(lease), Type::FLOAT8),
         (&default_max_attempts, Type::INT4),
+        (&true, Type::BOOL),
     ];
     let rows = client.query_typed(JOB_CLAIM, &params).await?;
     let mut claim = LeasedClaim::default();
