@@ -117,7 +117,7 @@ async fn main() {
     };
     let service = Builder::new(config).start().await.expect("instance starts");
     let addr = service.local_addr().unwrap();
-    let pool = db::pool(&url, 2).await.unwrap();
+    let pool = db::Connector::new(&url, Duration::from_secs(30)).unwrap().pool(2, Duration::from_secs(5));
     queries::job_insert_series(&*pool.get().await.unwrap(), "bench", n_jobs as i64).await.unwrap();
 
     // Phase 1: throughput.
@@ -175,7 +175,7 @@ async fn main() {
         pct(0.99),
         pct(1.0)
     );
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
     drop(pool);
     tokio::time::sleep(Duration::from_millis(100)).await;
     client.batch_execute(&queries::database_drop(&database)).await.unwrap();

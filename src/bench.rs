@@ -6,7 +6,6 @@
 //! job's `created_at` to its handler starting. The service under test logs nothing, so that the numbers
 //! measure the queue rather than the terminal.
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use slog::{info, Logger};
 use tokio::sync::Notify;
 
 use crate::config::{parse_duration, BenchArgs, Config, QueueConfig};
-use crate::job::{NewJob, RetryPolicy};
+use crate::job::NewJob;
 use crate::service::Builder;
 use crate::{db, HandlerError, JobContext};
 
@@ -46,19 +45,17 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
         anyhow::bail!("--database must differ from the service's database: the benchmark drops it");
     }
     let url = with_database(&config.database_url, &args.database);
-    let mut admin = tokio_postgres::Config::from_str(&config.database_url)?;
-    admin.dbname("postgres");
-    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.context("connecting to the postgres database")?;
-    tokio::spawn(conn);
+    let server = db::Connector::new(&config.database_url, config.statement_timeout)?.with_dbname("postgres");
+    let client = server.connect(db::Purpose::Admin, log).await.context("connecting to the postgres database")?;
     client.batch_execute(&db::queries::database_drop(&args.database)).await?;
 
     let concurrency = config.queues.first().map(|q| q.concurrency).unwrap_or(8).max(args.concurrency);
     let mut bench_config = config.clone();
     bench_config.database_url = url.clone();
-    bench_config.queues = vec![QueueConfig { name: QUEUE.into(), concurrency, retry: RetryPolicy::default() }];
+    bench_config.queues = vec![QueueConfig::new(QUEUE, concurrency)];
     // The benchmark's own database: migrate it before inserting.
     crate::service::migrate(&bench_config, log).await?;
-    let pool = db::pool(&url, 4).await?;
+    let pool = db::Connector::new(&url, Duration::ZERO)?.pool(4, Duration::from_secs(5));
 
     // Phase 1: throughput.
     let n = args.jobs as i64;
@@ -117,7 +114,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     while (latencies.lock().expect("latencies").len() as u64) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    service.stop().await;
+    service.stop().await?;
     let mut l = latencies.lock().expect("latencies").clone();
     l.sort_by(f64::total_cmp);
     let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);

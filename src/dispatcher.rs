@@ -9,27 +9,27 @@
 //! sweep the table. The producers' poll fallback covers anything else.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use slog::{debug, info, warn, Logger};
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::queries::{self, CHANNEL_CANCEL, CHANNEL_JOBS};
-use crate::db::DbError;
+use crate::db::{Connector, DbError, Purpose};
 use crate::remote::QueueWakes;
+use crate::supervisor::TaskResult;
 use crate::worker::running::{Running, StopReason};
 
 /// `application_name` of the listening connection, so operators (and tests) can find it.
 pub const APPLICATION_NAME: &str = "jobqueue-listener";
 
 pub struct Dispatcher {
-    pub url: String,
+    pub connector: Arc<Connector>,
     pub wakes: HashMap<String, Arc<Notify>>,
     /// Remote workers long-polling a queue on this instance.
     pub remote: Arc<QueueWakes>,
@@ -43,13 +43,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl Dispatcher {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> TaskResult {
         let log = self.log.new(slog::o!("component" => "dispatcher"));
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = tokio::time::Instant::now();
             match self.session(&shutdown, &log).await {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) => warn!(log, "listen connection lost; reconnecting"; "err" => %e,
                                 "backoff_ms" => backoff.as_millis() as u64),
             }
@@ -59,7 +59,7 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -67,9 +67,7 @@ impl Dispatcher {
 
     /// One connection's life. Returns `Ok` only on shutdown.
     async fn session(&self, shutdown: &CancellationToken, log: &Logger) -> Result<(), DbError> {
-        let mut cfg = tokio_postgres::Config::from_str(&self.url).map_err(|e| DbError::Url(e.to_string()))?;
-        cfg.application_name(APPLICATION_NAME);
-        let (client, mut connection) = cfg.connect(NoTls).await?;
+        let (client, mut connection) = self.connector.connect_raw(Purpose::Listener).await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -105,7 +103,7 @@ impl Dispatcher {
                     None => {
                         return match driver.await {
                             Ok(Err(e)) => Err(e.into()),
-                            _ => Err(DbError::Pool("listen connection closed".into())),
+                            _ => Err(DbError::Lost("the listen connection closed")),
                         };
                     }
                 },
@@ -113,7 +111,7 @@ impl Dispatcher {
                     match tokio::time::timeout(Duration::from_secs(5), queries::connection_ping(&client)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Err(e),
-                        Err(_) => return Err(DbError::Pool("listen connection did not answer a ping".into())),
+                        Err(_) => return Err(DbError::Lost("the listen connection did not answer a ping")),
                     }
                 }
                 _ = shutdown.cancelled() => return Ok(()),

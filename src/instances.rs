@@ -9,6 +9,7 @@ use slog::{debug, warn, Logger};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{queues, Pool};
+use crate::supervisor::TaskResult;
 
 /// How often an instance refreshes its row.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -26,7 +27,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> TaskResult {
         let log = self.log.new(slog::o!("component" => "registry"));
         let mut tick = tokio::time::interval(REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -57,5 +58,6 @@ impl Registry {
         {
             debug!(log, "could not remove this instance's registration"; "err" => %e);
         }
+        Ok(())
     }
 }

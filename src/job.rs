@@ -7,15 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Longest delay a retry or snooze may ask for; longer requests are shortened to this.
-pub const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Limits enforced by named CHECK constraints in `db/migrations`; validated here first so that the
-/// API can name the offending field.
-pub const PRIORITY_RANGE: (i32, i32) = (-1000, 1000);
-pub const MAX_ATTEMPTS_RANGE: (i32, i32) = (1, 1000);
-pub const QUEUE_NAME_MAX: usize = 128;
-pub const UNIQUE_KEY_MAX: usize = 255;
+/// The limits live with the configuration's in `limits`, each defined once; re-exported here, where
+/// the job fields they bound are.
+pub use crate::limits::{MAX_ATTEMPTS_RANGE, MAX_DELAY, PRIORITY_RANGE, QUEUE_NAME_MAX, UNIQUE_KEY_MAX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,6 +45,11 @@ impl JobStatus {
             "cancelled" | "canceled" => Some(JobStatus::Cancelled),
             _ => None,
         }
+    }
+
+    /// A status as stored in the `status` column: the five names only, no aliases.
+    pub fn from_stored(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
     /// Done, failed and cancelled are final until someone retries the job.
@@ -163,12 +162,24 @@ impl NewJob {
                 return Err(FieldError::new("unique_key", format!("must be 1 to {UNIQUE_KEY_MAX} bytes, no NUL")));
             }
         }
+        if let Some(at) = self.run_at {
+            if !representable(at) {
+                return Err(FieldError::new("run_at", "must be a time in the years 0000 to 9999 (RFC 3339)"));
+            }
+        }
         if contains_nul(&self.payload) {
             // Postgres' jsonb cannot store U+0000; refuse it here rather than let the insert fail.
             return Err(FieldError::new("payload", "must not contain \\u0000 (PostgreSQL jsonb cannot store it)"));
         }
         Ok(())
     }
+}
+
+/// Whether a time can be written in RFC 3339, which has four-digit years: the API answers with every
+/// time it stores, and a year like +262000 would come back in a form clients cannot parse.
+pub fn representable(at: DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    (0..=9999).contains(&at.year())
 }
 
 /// Whether a JSON value holds U+0000 anywhere, which PostgreSQL's jsonb cannot store.

@@ -15,7 +15,7 @@
 //!     })
 //!     .start()
 //!     .await?;
-//! service.stop().await;
+//! service.stop().await?;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
@@ -27,10 +27,12 @@ pub mod db;
 pub mod dispatcher;
 pub mod instances;
 pub mod job;
+pub mod limits;
 pub mod logging;
 pub mod maintenance;
 pub mod remote;
 pub mod service;
+pub mod supervisor;
 pub mod waiters;
 pub mod worker;
 

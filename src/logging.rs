@@ -16,8 +16,10 @@ pub struct LogGuard {
     _async: Option<slog_async::AsyncGuard>,
 }
 
-/// Builds the root logger and, when `bridge` is set, routes the `log` facade into it.
-pub fn init(format: LogFormat, level: slog::Level, bridge: bool) -> (Logger, LogGuard) {
+/// Builds the root logger and, with `bridge_for` set to an instance id, routes the `log` facade into
+/// it, every bridged line carrying that `instance` like the service's own lines (which get it from
+/// `Builder::start`; the root logger itself carries no keys).
+pub fn init(format: LogFormat, level: slog::Level, bridge_for: Option<&str>) -> (Logger, LogGuard) {
     let drain: Box<dyn Drain<Ok = (), Err = slog::Never> + Send> = match format {
         LogFormat::Term => {
             let decorator = slog_term::TermDecorator::new().stderr().build();
@@ -36,8 +38,9 @@ pub fn init(format: LogFormat, level: slog::Level, bridge: bool) -> (Logger, Log
     let drain = slog::LevelFilter::new(async_drain.fuse(), level).fuse();
     let root = Logger::root(drain, o!());
 
-    let scope = if bridge {
-        let guard = slog_scope::set_global_logger(root.new(o!("component" => "lib")));
+    let scope = if let Some(instance) = bridge_for {
+        let guard =
+            slog_scope::set_global_logger(root.new(o!("instance" => instance.to_string(), "component" => "lib")));
         let _ = slog_stdlog::init_with_level(log_level(level));
         // tokio-postgres and hyper are chatty below info; keep them to warnings unless asked.
         log::set_max_level(if level >= slog::Level::Debug { log::LevelFilter::Debug } else { log::LevelFilter::Warn });

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use jobqueue::config::{Cli, Command};
+use jobqueue::worker::handlers;
 use jobqueue::{logging, service, Builder};
-use slog::{error, info, warn};
+use slog::{error, info};
 
 fn main() -> ExitCode {
     // A missing .env is normal; variables already set in the environment win over it.
@@ -19,7 +20,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (log, _log_guard) = logging::init(config.log_format, config.log_level, true);
+    let (root, _log_guard) = logging::init(config.log_format, config.log_level, Some(&config.instance_id));
+    // The binary's own lines carry `instance` too; the service adds it to `root` itself.
+    let log = root.new(slog::o!("instance" => config.instance_id.clone()));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -39,25 +42,18 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Serve => {
-                // The binary does what the original service did, for every queue it is told to serve;
-                // real work comes from embedding the library with handlers of your own.
-                let mut builder = Builder::new(config.clone()).logger(log.clone());
+                // Each served queue gets the handler its config file entry names (builtin when none
+                // does); Rust programs embedding the library register handlers of their own.
+                let client = handlers::http_client()?;
+                let mut builder = Builder::new(config.clone()).logger(root.clone());
                 for q in &config.queues {
-                    builder = builder.handler(&q.name, jobqueue::default_handler());
+                    let spec = config.handler(&q.name);
+                    let handler = handlers::for_spec(spec, &client).map_err(anyhow::Error::msg)?;
+                    info!(log, "queue handler"; "queue" => &q.name, "handler" => spec.kind());
+                    builder = builder.handler(&q.name, handler);
                 }
-                let service = builder.start().await?;
-                let shutdown = service.shutdown_token();
-                let signal_log = log.clone();
-                tokio::spawn(async move {
-                    let mut signals = Signals::new();
-                    let name = signals.next().await;
-                    info!(signal_log, "signal received; shutting down gracefully"; "signal" => name);
-                    shutdown.cancel();
-                    let name = signals.next().await;
-                    warn!(signal_log, "second signal; exiting now"; "signal" => name);
-                    std::process::exit(130);
-                });
-                service.join().await;
+                // A task that failed ends the process non-zero, so that an orchestrator restarts it.
+                builder.start().await?.run_until_signal().await?;
                 Ok(())
             }
             Command::Bench(args) => jobqueue::bench::run(&config, &args, &log).await,
@@ -70,32 +66,6 @@ fn main() -> ExitCode {
             drop(_log_guard);
             eprintln!("jobqueue: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGINT and SIGTERM.
-struct Signals {
-    term: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn new() -> Self {
-        Signals { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() }
-    }
-
-    async fn next(&mut self) -> &'static str {
-        let term = async {
-            match &mut self.term {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term => "SIGTERM",
         }
     }
 }

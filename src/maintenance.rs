@@ -35,7 +35,7 @@ pub struct Maintenance {
 }
 
 impl Maintenance {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> crate::supervisor::TaskResult {
         let log = self.log.new(slog::o!("component" => "maintenance"));
         let mut tick = tokio::time::interval(self.rescue_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -43,7 +43,7 @@ impl Maintenance {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
             }
             if let Err(e) = self.rescue(&log).await {
                 warn!(log, "rescue of expired leases failed"; "err" => %e);

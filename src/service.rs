@@ -1,5 +1,6 @@
-//! Wires the components into a running instance: migrations, pool, API, dispatcher, workers,
-//! maintenance. The binary and the tests both start the service through [`Builder`].
+//! Wires the components into a running instance: migrations, pool, API, listener, workers,
+//! maintenance. The binary and the tests both start the service through [`Builder`], and every task
+//! it starts runs under one [`Supervisor`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,15 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::config::{Config, QueueConfig};
-use crate::db::{self, migrate, DbError, Pool};
+use crate::db::{migrate, Connector, DbError, Pool, Purpose};
 use crate::dispatcher::Dispatcher;
 use crate::instances::Registry;
 use crate::maintenance::Maintenance;
 use crate::remote::{Remote, RemoteSettings};
+use crate::supervisor::{Supervisor, TaskFailure};
 use crate::waiters::Waiters;
 use crate::worker::handler::Handler;
 use crate::worker::running::Running;
-use crate::worker::{Engine, EngineSettings};
+use crate::worker::{Engine, EngineSettings, Health};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -39,14 +41,16 @@ const WAITER_POLL: Duration = Duration::from_millis(200);
 const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
 
 /// Creates the database if needed and applies pending migrations, waiting up to 30 s for a database
-/// that does not answer yet. Errors the database returns (bad password, edited migration) fail at once.
+/// that does not answer yet. Anything else (a wrong password, TLS the server requires, an edited
+/// migration) fails at once: waiting cannot fix it.
 pub async fn migrate(config: &Config, log: &Logger) -> Result<migrate::Applied, DbError> {
+    let connector = Connector::new(&config.database_url, config.statement_timeout)?;
     let deadline = tokio::time::Instant::now() + STARTUP_DB_WAIT;
     let mut backoff = Duration::from_millis(250);
     loop {
         let attempt = async {
-            db::ensure_database(&config.database_url, log).await?;
-            let mut client = db::connect(&config.database_url, log).await?;
+            connector.ensure_database(log).await?;
+            let mut client = connector.connect(Purpose::Admin, log).await?;
             migrate::run(&mut client, log).await
         };
         match attempt.await {
@@ -62,7 +66,8 @@ pub async fn migrate(config: &Config, log: &Logger) -> Result<migrate::Applied, 
 
 /// Records the migrations as applied without running them (see [`migrate::baseline`]).
 pub async fn migrate_baseline(config: &Config, log: &Logger) -> Result<migrate::Applied, DbError> {
-    let mut client = db::connect(&config.database_url, log).await?;
+    let connector = Connector::new(&config.database_url, config.statement_timeout)?;
+    let mut client = connector.connect(Purpose::Admin, log).await?;
     migrate::baseline(&mut client, log).await
 }
 
@@ -95,6 +100,7 @@ impl Builder {
         self
     }
 
+    /// The logger; every line the service writes carries `instance` (the configured `instance_id`).
     pub fn logger(mut self, log: Logger) -> Self {
         self.log = log;
         self
@@ -111,9 +117,11 @@ impl Builder {
         let Builder { config, mut handlers, log, api } = self;
         let log = log.new(slog::o!("instance" => config.instance_id.clone()));
         migrate(&config, &log).await?;
-        let pool = db::pool(&config.database_url, config.db_pool_size).await?;
+        let connector = Arc::new(Connector::new(&config.database_url, config.statement_timeout)?);
+        let pool = connector.pool(config.db_pool_size, config.db_acquire_timeout);
         let running = Arc::new(Running::default());
-        let waiters = Arc::new(Waiters::default());
+        let waiters = Arc::new(Waiters::new(config.http.max_waiters));
+        let health = Arc::new(Health::default());
         let shutdown = CancellationToken::new();
 
         let mut served = Vec::new();
@@ -131,7 +139,7 @@ impl Builder {
 
         let engine = Engine::new(
             EngineSettings {
-                url: config.database_url.clone(),
+                connector: connector.clone(),
                 instance_id: config.instance_id.clone(),
                 lease: config.job_lease,
                 job_timeout: config.job_timeout,
@@ -145,7 +153,7 @@ impl Builder {
         );
         let wakes = engine.wakes();
         let remote = Remote::new(RemoteSettings {
-            url: config.database_url.clone(),
+            connector: connector.clone(),
             pool: pool.clone(),
             policies: config.queues.iter().map(|q| (q.name.clone(), q.retry.clone())).collect(),
             default_retry: config.default_retry.clone(),
@@ -162,7 +170,7 @@ impl Builder {
             log: log.clone(),
         };
         let dispatcher = Dispatcher {
-            url: config.database_url.clone(),
+            connector: connector.clone(),
             wakes: wakes.clone(),
             remote: remote.wakes(),
             running: running.clone(),
@@ -179,8 +187,8 @@ impl Builder {
             log: log.clone(),
         };
 
+        let mut supervisor = Supervisor::new(shutdown.clone(), log.new(slog::o!("component" => "supervisor")));
         let mut addr = None;
-        let mut api_task = None;
         if api {
             let bind = SocketAddr::new(config.bind, config.port);
             let listener =
@@ -189,44 +197,53 @@ impl Builder {
             let state = Arc::new(ApiState {
                 pool: pool.clone(),
                 waiters: waiters.clone(),
+                health: health.clone(),
                 remote: remote.clone(),
                 max_body_bytes: config.max_body_bytes,
+                request_deadline: config.db_acquire_timeout + connector.deadline(),
+                body_timeout: config.http.body_timeout,
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
             });
-            let server =
-                warp::serve(api::routes(state)).incoming(listener).graceful(shutdown.clone().cancelled_owned());
-            api_task = Some(tokio::spawn(server.run()));
+            let serve = api::server::serve(
+                listener,
+                api::routes(state),
+                config.http.clone(),
+                config.shutdown_timeout + Duration::from_secs(1),
+                shutdown.clone(),
+                log.clone(),
+            );
+            supervisor.spawn("api", serve);
             info!(log, "listening"; "addr" => %local);
             addr = Some(local);
         }
-
-        let mut tasks =
-            vec![tokio::spawn(dispatcher.run(shutdown.clone())), tokio::spawn(maintenance.run(shutdown.clone())), {
-                let waiters = waiters.clone();
-                let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());
-                tokio::spawn(async move { waiters.poll(pool, WAITER_POLL, log, shutdown).await })
-            }];
-        tasks.push(tokio::spawn(registry.run(shutdown.clone())));
-        let engine_task = tokio::spawn(engine.run(shutdown.clone()));
+        supervisor.spawn("engine", engine.run(shutdown.clone(), health.clone()));
+        supervisor.spawn("listener", dispatcher.run(shutdown.clone()));
+        supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
+        supervisor.spawn("registry", registry.run(shutdown.clone()));
+        {
+            let waiters = waiters.clone();
+            let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());
+            supervisor.spawn("waiters", async move { waiters.poll(pool, WAITER_POLL, log, shutdown).await });
+        }
+        // The engine's own drain is bounded by the shutdown timeout plus its completer's 12 s; this
+        // is the backstop beyond it.
+        let drain = config.shutdown_timeout + Duration::from_secs(20);
         let supervisor = {
-            let (shutdown, log, grace) = (shutdown.clone(), log.clone(), config.shutdown_timeout);
+            let (shutdown, log) = (shutdown.clone(), log.clone());
             tokio::spawn(async move {
-                shutdown.cancelled().await;
-                info!(log, "shutting down");
-                if let Some(api_task) = api_task {
-                    // In-flight requests finish; waiting ones were told to answer now.
-                    let _ = tokio::time::timeout(grace + Duration::from_secs(1), api_task).await;
-                }
-                let _ = engine_task.await;
-                for t in tasks {
-                    let _ = t.await;
-                }
+                let watch_log = log.clone();
+                let announce = async move {
+                    shutdown.cancelled().await;
+                    info!(watch_log, "shutting down");
+                };
+                let (result, ()) = tokio::join!(supervisor.run(drain), announce);
                 info!(log, "stopped");
+                result
             })
         };
         info!(log, "jobqueue started");
-        Ok(Service { addr, shutdown, supervisor, pool })
+        Ok(Service { addr, shutdown, supervisor, pool, log })
     }
 }
 
@@ -234,8 +251,9 @@ impl Builder {
 pub struct Service {
     addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    supervisor: JoinHandle<()>,
+    supervisor: JoinHandle<Result<(), TaskFailure>>,
     pool: Pool,
+    log: Logger,
 }
 
 impl Service {
@@ -254,13 +272,69 @@ impl Service {
     }
 
     /// Begins a graceful shutdown and waits for it to complete.
-    pub async fn stop(self) {
+    pub async fn stop(self) -> Result<(), TaskFailure> {
         self.shutdown.cancel();
-        self.join().await;
+        self.join().await
     }
 
-    /// Waits until the service has stopped (after its shutdown token is cancelled).
-    pub async fn join(self) {
-        let _ = self.supervisor.await;
+    /// Waits until the service has stopped: after its shutdown token is cancelled, or after one of
+    /// its tasks failed (then the error names it, and the process should exit non-zero).
+    pub async fn join(self) -> Result<(), TaskFailure> {
+        match self.supervisor.await {
+            Ok(result) => result,
+            Err(e) => Err(TaskFailure { task: "supervisor", what: e.to_string() }),
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully (see README, "Shutdown"). A second
+    /// signal during the graceful shutdown exits the process at once with code 130; jobs still running
+    /// then are recovered by the rescuer when their leases expire.
+    pub async fn run_until_signal(self) -> Result<(), TaskFailure> {
+        let mut signals = Signals::new();
+        let (shutdown, log) = (self.shutdown.clone(), self.log.clone());
+        let join = self.join();
+        tokio::pin!(join);
+        tokio::select! {
+            result = &mut join => return result,
+            name = signals.next() => {
+                info!(log, "signal received; shutting down gracefully"; "signal" => name);
+                shutdown.cancel();
+            }
+        }
+        tokio::select! {
+            result = &mut join => result,
+            name = signals.next() => {
+                warn!(log, "second signal; exiting now"; "signal" => name);
+                // An exit skips destructors: stop the commands of command-handler queues explicitly.
+                crate::worker::handlers::command::kill_running();
+                std::process::exit(130);
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Signals { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        let term = async {
+            match &mut self.term {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term => "SIGTERM",
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! many clients wait, and none while nobody does.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use slog::{debug, Logger};
@@ -16,17 +17,46 @@ use uuid::Uuid;
 
 use crate::db::{queries, Pool};
 
-#[derive(Default)]
 pub struct Waiters {
     waiting: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
+    /// Requests waiting now, and the most allowed (`MAX_WAITERS`): each holds a connection and a
+    /// little memory, so their number is bounded like everything else a client can hold.
+    active: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters::new(crate::config::HttpLimits::default().max_waiters)
+    }
+}
+
+/// A registered wait: resolves when the job is seen finished; frees its place when dropped.
+pub struct Wait {
+    pub finished: oneshot::Receiver<()>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Waiters {
-    /// Registers interest in `id`; the receiver completes when the job is seen finished.
-    pub fn register(&self, id: Uuid) -> oneshot::Receiver<()> {
+    pub fn new(max: usize) -> Waiters {
+        Waiters { waiting: Mutex::default(), active: Arc::default(), max }
+    }
+
+    /// Registers interest in `id`, or `None` when `max` requests already wait.
+    pub fn register(&self, id: Uuid) -> Option<Wait> {
+        if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().expect("waiters poisoned").entry(id).or_default().push(tx);
-        rx
+        Some(Wait { finished: rx, active: self.active.clone() })
     }
 
     pub fn finished(&self, ids: &[Uuid]) {
@@ -54,13 +84,19 @@ impl Waiters {
         waiting.keys().copied().collect()
     }
 
-    pub async fn poll(&self, pool: Pool, interval: Duration, log: Logger, shutdown: CancellationToken) {
+    pub async fn poll(
+        &self,
+        pool: Pool,
+        interval: Duration,
+        log: Logger,
+        shutdown: CancellationToken,
+    ) -> crate::supervisor::TaskResult {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
             }
             let ids = self.awaited();
             if ids.is_empty() {

@@ -4,10 +4,13 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{count, TestDb};
 use jobqueue::api::{routes, ApiState};
+use jobqueue::db::Connector;
 use jobqueue::waiters::Waiters;
+use jobqueue::worker::Health;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
@@ -16,15 +19,24 @@ async fn api_for(
     url: &str,
     max_body: u64,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    let pool = jobqueue::db::pool(url, 4).await.unwrap();
+    api_with(url, max_body, Arc::new(Health::running())).await
+}
+
+async fn api_with(
+    url: &str,
+    max_body: u64,
+    health: Arc<Health>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let connector = Arc::new(Connector::new(url, Duration::from_secs(10)).unwrap());
+    let pool = connector.pool(4, Duration::from_secs(5));
     let waiters = Arc::new(Waiters::default());
     let remote = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
-        url: url.to_string(),
+        connector,
         pool: pool.clone(),
         policies: Default::default(),
         default_retry: Default::default(),
-        default_lease: std::time::Duration::from_secs(30),
-        poll_interval: std::time::Duration::from_secs(1),
+        default_lease: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(1),
         waiters: waiters.clone(),
         max_long_polls: jobqueue::remote::MAX_LONG_POLLS,
         log: jobqueue::logging::discard(),
@@ -32,8 +44,11 @@ async fn api_for(
     routes(Arc::new(ApiState {
         pool,
         waiters,
+        health,
         remote,
         max_body_bytes: max_body,
+        request_deadline: Duration::from_secs(20),
+        body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
     }))
@@ -285,6 +300,89 @@ async fn health_and_readiness() {
     assert_error(&call(&down, "GET", "/readyz", None).await, 503, "unavailable");
     assert_eq!(call(&down, "GET", "/healthz", None).await.status, 200);
     assert_error(&call(&down, "POST", "/jobs", Some(r#"{"payload": 1}"#)).await, 503, "unavailable");
+
+    // Liveness reflects the engine: an instance whose engine stopped is not alive, whatever its API
+    // still answers.
+    let no_engine = api_with(&db.url, 1 << 20, Arc::new(Health::default())).await;
+    assert_error(&call(&no_engine, "GET", "/healthz", None).await, 503, "unavailable");
+}
+
+/// The API hands payloads to PostgreSQL and back without an f64 round trip: big integers and long
+/// decimals come back digit for digit. (PostgreSQL's jsonb itself stores -0 as 0.)
+#[tokio::test]
+async fn payload_numbers_come_back_exactly() {
+    let db = TestDb::new().await;
+    let api = api_for(&db.url, 1 << 20).await;
+    let body = r#"{"payload": {"a": 18446744073709551617, "b": 1234567890.123456789, "c": [1e400, 0.1]}}"#;
+    let r = call(&api, "POST", "/jobs", Some(body)).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    for raw in [serde_json::to_string(&r.body).unwrap(), {
+        let r = call(&api, "GET", &format!("/jobs/{id}"), None).await;
+        serde_json::to_string(&r.body).unwrap()
+    }] {
+        assert!(raw.contains("18446744073709551617"), "{raw}");
+        assert!(raw.contains("1234567890.123456789"), "{raw}");
+    }
+    let c = db.client().await;
+    let stored: String = c.query_one("SELECT payload->>'a' FROM jobs", &[]).await.unwrap().get(0);
+    assert_eq!(stored, "18446744073709551617");
+}
+
+/// RFC 3339 has four-digit years; a time outside them is refused rather than stored and echoed in a
+/// form clients cannot parse.
+#[tokio::test]
+async fn run_at_years_past_9999_are_refused() {
+    let db = TestDb::new().await;
+    let api = api_for(&db.url, 1 << 20).await;
+    let r = call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "run_at": "+262000-01-01T00:00:00Z"}"#)).await;
+    assert_error(&r, 400, "invalid_field");
+    assert!(r.body["message"].as_str().unwrap().starts_with("run_at"), "{:?}", r.body);
+    let r = call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "delay": "9000years"}"#)).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = call(&api, "POST", "/jobs/batch", Some(r#"[{"payload": 1, "run_at": "+10000-01-01T00:00:00Z"}]"#)).await;
+    assert_error(&r, 400, "bad_request");
+    let r = call(&api, "POST", "/jobs", Some(r#"{"payload": 1, "run_at": "9999-12-31T23:59:59Z"}"#)).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(count(&db.client().await, "SELECT count(*) FROM jobs").await, 1);
+}
+
+/// Two batches whose unique keys overlap in opposite orders: in PostgreSQL each would wait for the
+/// other's key, a deadlock it resolves by aborting one. Inserted in one canonical order, one batch
+/// wins (201) and the other finds the keys taken (409); never a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_with_overlapping_keys_never_deadlock() {
+    let db = TestDb::new().await;
+    let api = api_for(&db.url, 64 << 20).await;
+    for (round, size) in [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2000), (5, 2000)] {
+        let keys: Vec<String> = (0..size).map(|i| format!("r{round}-k{i}")).collect();
+        let batch = |keys: Vec<&String>| {
+            serde_json::to_string(&keys.iter().map(|k| json!({"payload": 1, "unique_key": k})).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let (a, b) = (batch(keys.iter().collect()), batch(keys.iter().rev().collect()));
+        let (api1, api2) = (api.clone(), api.clone());
+        let one = tokio::spawn(async move { call(&api1, "POST", "/jobs/batch", Some(&a)).await });
+        let two = tokio::spawn(async move { call(&api2, "POST", "/jobs/batch", Some(&b)).await });
+        let (one, two) = (one.await.unwrap(), two.await.unwrap());
+        let mut statuses = [one.status, two.status];
+        statuses.sort();
+        assert_eq!(statuses, [201, 409], "round {round} ({size} items): {:?} / {:?}", one.body, two.body);
+    }
+    // Request order is kept in the answer although rows go in sorted.
+    let r = call(
+        &api,
+        "POST",
+        "/jobs/batch",
+        Some(
+            r#"[{"payload": "z", "queue": "q", "unique_key": "z"},
+        {"payload": "a", "queue": "q", "unique_key": "a"}, {"payload": "m", "queue": "a"}]"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let payloads: Vec<&str> = r.body.as_array().unwrap().iter().map(|j| j["payload"].as_str().unwrap()).collect();
+    assert_eq!(payloads, ["z", "a", "m"]);
 }
 
 #[tokio::test]
@@ -523,4 +621,63 @@ async fn odd_input_never_gets_a_5xx() {
         let r = call(&api, "GET", path, None).await;
         assert!(r.status < 500, "{path} -> {} {:?}", r.status, r.body);
     }
+}
+
+/// While a DBA holds a lock on `jobs`, API requests answer 503 within their deadline instead of
+/// hanging for as long as the lock lasts, and the server cancels their statements (statement_timeout),
+/// so no backend is left waiting behind the lock for a client that has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
+    let db = TestDb::new().await;
+    let connector = Arc::new(Connector::new(&db.url, Duration::from_millis(500)).unwrap());
+    let pool = connector.pool(4, Duration::from_secs(5));
+    let waiters = Arc::new(Waiters::default());
+    let remote = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
+        connector,
+        pool: pool.clone(),
+        policies: Default::default(),
+        default_retry: Default::default(),
+        default_lease: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(1),
+        waiters: waiters.clone(),
+        max_long_polls: jobqueue::remote::MAX_LONG_POLLS,
+        log: jobqueue::logging::discard(),
+    });
+    let api = routes(Arc::new(ApiState {
+        pool,
+        waiters,
+        health: Arc::new(Health::running()),
+        remote,
+        max_body_bytes: 1 << 20,
+        request_deadline: Duration::from_secs(3),
+        body_timeout: Duration::from_secs(30),
+        shutdown: CancellationToken::new(),
+        log: jobqueue::logging::discard(),
+    }));
+    let id = call(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#)).await.body["id"].as_str().unwrap().to_string();
+
+    let mut dba = db.client().await;
+    let tx = dba.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let answers = tokio::time::timeout(Duration::from_secs(30), async {
+        vec![
+            call(&api, "POST", "/jobs", Some(r#"{"payload": 2}"#)).await,
+            call(&api, "GET", &format!("/jobs/{id}"), None).await,
+            call(&api, "GET", "/jobs", None).await,
+            call(&api, "POST", &format!("/jobs/{id}/cancel"), None).await,
+        ]
+    })
+    .await
+    .expect("requests answered while the table is locked, not held until the lock goes");
+    for r in &answers {
+        assert_error(r, 503, "unavailable");
+    }
+    // The server cancelled every statement the API started: nothing of ours waits on the lock.
+    let waiting =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'", db.name);
+    common::wait_count(&db.client().await, Duration::from_secs(10), "no backend waiting on the lock", &waiting, 0)
+        .await;
+    tx.rollback().await.unwrap();
+    assert_eq!(call(&api, "POST", "/jobs", Some(r#"{"payload": 3}"#)).await.status, 201);
+    assert_eq!(count(&db.client().await, "SELECT count(*) FROM jobs").await, 2, "the refused insert stored nothing");
 }

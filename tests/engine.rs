@@ -296,21 +296,20 @@ async fn queues_without_a_handler_here_are_left_alone() {
         count(&c, "SELECT count(*) FROM jobs WHERE queue = 'elsewhere' AND status = 'pending' AND attempts = 0").await,
         1
     );
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }
 
 /// In-process instance whose default queue retries fast, for the failure-path tests.
 fn fast_retry_config(db: &TestDb, max_attempts: i32) -> jobqueue::Config {
     let mut config = db.config(2);
     config.queues = vec![QueueConfig {
-        name: "default".into(),
-        concurrency: 2,
         retry: RetryPolicy {
             max_attempts,
             backoff: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             jitter: 0.0,
         },
+        ..QueueConfig::new("default", 2)
     }];
     config.poll_interval = Duration::from_secs(60);
     config
@@ -332,7 +331,7 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_fails() {
     let svc = start_with(fast_retry_config(&db, 4), handler).await;
     let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
     wait_count(&c, Duration::from_secs(15), "job failed", "SELECT count(*) FROM jobs WHERE status = 'failed'", 1).await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
@@ -384,7 +383,7 @@ async fn a_panicking_handler_is_retried_and_the_worker_lives_on() {
     c.batch_execute("INSERT INTO jobs (payload) SELECT '\"fine\"' FROM generate_series(1, 20)").await.unwrap();
     wait_count(&c, Duration::from_secs(10), "later jobs done", "SELECT count(*) FROM jobs WHERE status = 'done'", 20)
         .await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +408,7 @@ async fn a_handler_over_job_timeout_counts_as_an_error() {
     .await;
     let error: String = c.query_one("SELECT error FROM jobs", &[]).await.unwrap().get(0);
     assert!(error.contains("timed out"), "{error}");
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,5 +587,5 @@ async fn a_result_postgres_cannot_store_fails_that_job_only() {
         1,
     )
     .await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }

@@ -104,7 +104,7 @@ async fn the_python_example_works_jobs_heartbeats_and_fails() {
     );
     assert!(worker.output().contains("complete -> 200 done"), "{}", worker.output());
     drop(worker);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -131,5 +131,5 @@ async fn the_shell_example_works_jobs_and_fails() {
     assert_eq!((bad["status"].clone(), bad["error"].clone()), (json!("failed"), json!("no such file")));
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await, 0);
     drop(worker);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }

@@ -18,7 +18,7 @@ fn child_instance() {
 }
 
 fn queue(name: &str, concurrency: usize, retry: RetryPolicy) -> QueueConfig {
-    QueueConfig { name: name.into(), concurrency, retry }
+    QueueConfig { retry, ..QueueConfig::new(name, concurrency) }
 }
 
 fn quick_retry(max_attempts: i32) -> RetryPolicy {
@@ -53,7 +53,7 @@ async fn a_flooded_queue_does_not_starve_another() {
     assert!(flood_left > 800, "the flood is still being worked through ({flood_left} left)");
     // The flood queue never exceeded its concurrency of 2.
     assert!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status = 'processing'").await <= 2);
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +81,7 @@ async fn lower_priority_runs_first_then_fifo() {
     };
     let svc = common::start_with(db.config(1), handler).await;
     wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 5).await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
     assert_eq!(*order.lock().unwrap(), vec!["a", "b", "c", "d", "e"]);
 }
 
@@ -135,7 +135,7 @@ async fn per_job_max_attempts_and_permanent_failure_and_snooze() {
         3,
     )
     .await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 
     let row = c.query_one("SELECT status, attempts, error FROM jobs WHERE id = $1", &[&flaky]).await.unwrap();
     assert_eq!(
@@ -169,7 +169,7 @@ async fn the_error_history_is_capped_at_twenty() {
     let svc = common::start_with(config, handler).await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
     wait_count(&c, Duration::from_secs(20), "job failed", "SELECT count(*) FROM jobs WHERE status = 'failed'", 1).await;
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
     let errors: Value = c.query_one("SELECT errors FROM jobs", &[]).await.unwrap().get(0);
     let errors = errors.as_array().unwrap();
     assert_eq!(errors.len(), 20);
@@ -212,7 +212,7 @@ async fn cancelling_a_job_running_on_another_instance() {
     // A cancelled job can be retried.
     let r = http(addr, "POST", &format!("/jobs/{id}/retry"), None).await;
     assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("pending")));
-    api.stop().await;
+    api.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +253,7 @@ async fn wait_answers_when_another_process_finishes_the_job() {
         assert_eq!(job["result"], "worker");
     }
     assert!(t.elapsed() < Duration::from_secs(15), "answered when done, not at the deadline ({:?})", t.elapsed());
-    api.stop().await;
+    api.stop().await.expect("stops cleanly");
 }
 
 fn assert_error_400(r: common::HttpResponse) {
@@ -283,7 +283,7 @@ async fn retention_deletes_only_what_it_should() {
     let left: Vec<String> =
         c.query("SELECT payload #>> '{}' FROM jobs ORDER BY 1", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, vec!["done-new", "failed-old", "pending-old"]);
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 
     // Retention 0 keeps everything of that status.
     c.batch_execute("INSERT INTO jobs (payload, status, finished_at) VALUES ('\"done-ancient\"', 'done', now() - interval '400 days')")
@@ -303,7 +303,7 @@ async fn retention_deletes_only_what_it_should() {
     )
     .await;
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await, 2, "done jobs kept");
-    svc.stop().await;
+    svc.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

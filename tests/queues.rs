@@ -58,7 +58,7 @@ async fn a_paused_queue_is_claimed_by_nobody_on_any_instance_until_resumed() {
     assert_eq!((queues["paused"].clone(), queues["pending"].clone()), (json!(true), json!(20)));
 
     // Stored in the database: a restarted instance still finds the queue paused.
-    a.stop().await;
+    a.stop().await.expect("stops cleanly");
     let (a, addr_a) = start(config("a")).await;
     assert!(claim(addr_a, "default", json!({"worker": "r", "wait": "1s"})).await.is_empty());
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'pending'").await, 20);
@@ -73,8 +73,8 @@ async fn a_paused_queue_is_claimed_by_nobody_on_any_instance_until_resumed() {
         20,
     )
     .await;
-    a.stop().await;
-    b.stop().await;
+    a.stop().await.expect("stops cleanly");
+    b.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -98,6 +98,6 @@ async fn get_queues_lists_live_instances_only_and_queues_without_jobs() {
     assert_eq!(queues[1]["paused"], true);
     assert_eq!(queues[1]["pending"], 0);
     // A clean stop removes the instance's own row.
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
     assert_eq!(count(&c, "SELECT count(*) FROM instances WHERE id = 'alive'").await, 0);
 }

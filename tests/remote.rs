@@ -101,7 +101,7 @@ async fn four_remote_clients_work_5000_jobs_each_exactly_once() {
     let by = count(&c, "SELECT count(DISTINCT result->>'by') FROM jobs").await;
     assert!(by >= 2, "the work was shared ({by} clients did any)");
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE lease_token IS NOT NULL").await, 0, "tokens cleared");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -132,7 +132,7 @@ async fn a_long_poll_returns_with_a_job_inserted_while_it_waits() {
     // The token is shown to the claimer only.
     let got = http(addr, "GET", &format!("/jobs/{id}"), None).await;
     assert!(!got.body.contains(token) && !got.body.contains("lease_token"), "{}", got.body);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +160,7 @@ async fn one_insert_of_many_jobs_reaches_as_many_waiting_workers_as_it_needs() {
         got.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
     }
     assert_eq!(got.len(), 6);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -201,7 +201,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_job_and_its_late_complete_wr
     let done = post(addr, &format!("/jobs/{id}/complete"), json!({"lease_token": new, "result": {"ok": true}})).await;
     assert_eq!(done.status, 200, "{}", done.body);
     assert_eq!((done.json()["status"].clone(), done.json()["result"].clone()), (json!("done"), json!({"ok": true})));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -225,7 +225,7 @@ async fn a_released_attempt_keeps_its_number_but_its_token_is_dead() {
     assert_eq!((job["status"].clone(), job["error"].clone()), (json!("pending"), json!("boom")));
     let run_at = chrono::DateTime::parse_from_rfc3339(job["run_at"].as_str().unwrap()).unwrap();
     assert!(run_at > chrono::Utc::now() + chrono::Duration::minutes(59), "retry_after honoured: {run_at}");
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -270,7 +270,7 @@ async fn cancel_reaches_a_remote_worker_through_its_heartbeat() {
         (r.status, r.json()["status"].clone(), r.json()["error"].clone()),
         (200, json!("cancelled"), json!("stopped"))
     );
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -302,7 +302,7 @@ async fn a_long_poll_whose_client_disconnects_leaves_no_job_in_processing() {
     assert_eq!(jobs.len(), 1, "the job reached the live worker");
     assert_eq!((jobs[0]["id"].as_str(), jobs[0]["attempts"].as_i64()), (Some(id.as_str()), Some(1)));
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE locked_by = 'ghost'").await, 0);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -349,7 +349,7 @@ async fn bad_input_gets_a_clear_4xx() {
     // A queue name with a space travels percent-encoded.
     insert(addr, "with space", json!(1)).await;
     assert_eq!(claim(addr, "with%20space", json!({"worker": "w"})).await.len(), 1);
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -385,7 +385,7 @@ async fn jobs_claimed_for_a_client_that_already_left_go_straight_back_to_pending
     wait_count(&observer, Duration::from_secs(5), "claimed job released at once", &back, 1).await;
     let jobs = claim(addr, "remote", json!({"worker": "alive"})).await;
     assert_eq!((jobs[0]["id"].as_str(), jobs[0]["attempts"].as_i64()), (Some(id.as_str()), Some(1)));
-    service.stop().await;
+    service.stop().await.expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -393,10 +393,11 @@ async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
     use jobqueue::api::{routes, ApiState};
     use jobqueue::remote::{Remote, RemoteSettings};
     let db = TestDb::new().await;
-    let pool = jobqueue::db::pool(&db.url, 4).await.unwrap();
+    let connector = Arc::new(jobqueue::db::Connector::new(&db.url, Duration::from_secs(10)).unwrap());
+    let pool = connector.pool(4, Duration::from_secs(5));
     let waiters = Arc::new(jobqueue::waiters::Waiters::default());
     let remote = Remote::new(RemoteSettings {
-        url: db.url.clone(),
+        connector,
         pool: pool.clone(),
         policies: Default::default(),
         default_retry: Default::default(),
@@ -410,8 +411,11 @@ async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
     let api = routes(Arc::new(ApiState {
         pool,
         waiters,
+        health: Arc::new(jobqueue::worker::Health::running()),
         remote,
         max_body_bytes: 1 << 20,
+        request_deadline: Duration::from_secs(20),
+        body_timeout: Duration::from_secs(30),
         shutdown: shutdown.clone(),
         log: jobqueue::logging::discard(),
     }));

@@ -210,6 +210,22 @@ async fn serve_and_migrate_create_a_missing_database() {
     admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
 }
 
+/// An error that waiting cannot fix stops start-up at once, instead of being retried for 30 seconds like
+/// a database that is still starting. Here: `verify-full` against a server whose certificate no root
+/// vouches for (a default self-signed one), or that offers no TLS at all; either way, fatal.
+#[tokio::test]
+async fn a_connection_that_cannot_work_fails_at_once_without_retrying() {
+    let db = TestDb::new().await;
+    let mut env = db.env();
+    env.retain(|(k, _)| k != "DATABASE_URL");
+    env.push(("DATABASE_URL".into(), format!("{}?sslmode=verify-full", db.url)));
+    let mut p = Proc::jobqueue("migrate-tls", &["migrate"], &env);
+    assert_eq!(p.wait(Duration::from_secs(60)).await, Some(1), "{}", p.stderr());
+    let err = p.stderr();
+    assert!(!err.contains("retrying"), "a configuration error was retried: {err}");
+    assert!(err.contains("jobqueue: cannot connect to the database"), "{err}");
+}
+
 #[tokio::test]
 async fn bad_configuration_exits_2_with_one_line_naming_the_variable() {
     for (var, value, expect) in [

@@ -8,7 +8,7 @@ use warp::http::{header, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::Reply;
 
-use crate::db::DbError;
+use crate::db::{DbError, ErrorClass};
 use crate::job::{FieldError, Job};
 
 #[derive(Debug)]
@@ -20,19 +20,40 @@ pub struct ApiError {
     pub job: Option<Box<Job>>,
     /// For 405: the methods the path accepts.
     pub allow: Option<&'static str>,
-    /// For 500: the cause, logged but never shown to the client.
+    /// For 500 and 503: the cause, logged but never shown to the client.
     pub internal: Option<String>,
-    /// For 503 when the client should come back: seconds for the `Retry-After` header.
-    pub retry_after: Option<u64>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
+    /// The client broke off the request (its body never arrived whole).
+    pub client_gone: bool,
+    /// Answer with `Connection: close`: the rest of what the client sent cannot be trusted or read.
+    pub close: bool,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), job: None, allow: None, internal: None, retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            job: None,
+            allow: None,
+            internal: None,
+            retry_after: None,
+            client_gone: false,
+            close: false,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// The client stopped sending mid-request; the answer most likely reaches no one.
+    pub fn client_gone(message: impl Into<String>) -> Self {
+        let mut e = Self::bad_request(message);
+        e.client_gone = true;
+        e
     }
 
     pub fn invalid_field(e: FieldError) -> Self {
@@ -55,6 +76,21 @@ impl ApiError {
 
     pub fn payload_too_large(limit: u64) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body exceeds {limit} bytes"))
+            .close_connection()
+    }
+
+    pub fn request_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {}", humantime::format_duration(limit)),
+        )
+        .close_connection()
+    }
+
+    pub fn close_connection(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn unsupported_media_type(got: &str) -> Self {
@@ -80,14 +116,17 @@ impl ApiError {
     }
 
     /// Too many requests of one kind are open; come back after `retry_after_secs`.
-    pub fn busy(message: impl Into<String>, retry_after_secs: u64) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
-        e.retry_after = Some(retry_after_secs);
-        e
+    pub fn busy(message: impl Into<String>, retry_after_secs: u32) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).retry_after(retry_after_secs)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     pub fn internal(cause: impl Into<String>) -> Self {
@@ -112,6 +151,9 @@ impl ApiError {
         if let Some(allow) = self.allow {
             resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
+        if self.close {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -119,37 +161,37 @@ impl ApiError {
     }
 }
 
-/// Database errors, classified by SQLSTATE. Errors caused by the client's data are 4xx; an unreachable
-/// database is 503; anything else is a 500 whose detail goes to the log only.
+/// Database errors, by class: the client's data refused (4xx by SQLSTATE), the database unreachable or
+/// too slow or a race lost (503, try again), our bug (500, detail in the log only).
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
-        if e.is_unavailable() {
+        let unavailable = |message: &str, cause: String| {
+            let mut err = ApiError::unavailable(message).retry_after(1);
             // The detail (host, driver error) is for the log, not the client.
-            let mut err = ApiError::unavailable("database unavailable; try again");
-            err.internal = Some(e.to_string());
-            return err;
-        }
-        let detail = e.server_message().unwrap_or("rejected by the database").to_string();
-        match e.code() {
-            Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
-                ApiError::conflict(format!("a pending or processing job already has this unique_key ({detail})"), None)
+            err.internal = Some(cause);
+            err
+        };
+        match e.class() {
+            ErrorClass::Unavailable => unavailable("database unavailable; try again", e.to_string()),
+            ErrorClass::Transient => {
+                unavailable("the database aborted a conflicting statement; try again", e.to_string())
             }
-            Some(c) if *c == SqlState::CHECK_VIOLATION => {
-                let constraint = e.constraint().unwrap_or("a check constraint");
-                ApiError::bad_request(format!("value violates {constraint}: {detail}"))
+            ErrorClass::Fatal => unavailable("the service cannot use its database; see the server log", e.to_string()),
+            ErrorClass::Bug => ApiError::internal(e.to_string()),
+            ErrorClass::Rejected => {
+                let detail = e.server_message().unwrap_or("rejected by the database").to_string();
+                match e.code() {
+                    Some(c) if *c == SqlState::UNIQUE_VIOLATION => ApiError::conflict(
+                        format!("a pending or processing job already has this unique_key ({detail})"),
+                        None,
+                    ),
+                    Some(c) if *c == SqlState::CHECK_VIOLATION => {
+                        let constraint = e.constraint().unwrap_or("a check constraint");
+                        ApiError::bad_request(format!("value violates {constraint}: {detail}"))
+                    }
+                    _ => ApiError::bad_request(format!("value cannot be stored: {detail}")),
+                }
             }
-            Some(c)
-                if *c == SqlState::UNTRANSLATABLE_CHARACTER
-                    || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
-                    || *c == SqlState::INVALID_TEXT_REPRESENTATION
-                    || *c == SqlState::NUMERIC_VALUE_OUT_OF_RANGE
-                    || *c == SqlState::DATETIME_FIELD_OVERFLOW
-                    || *c == SqlState::STRING_DATA_RIGHT_TRUNCATION
-                    || *c == SqlState::NOT_NULL_VIOLATION =>
-            {
-                ApiError::bad_request(format!("value cannot be stored: {detail}"))
-            }
-            _ => ApiError::internal(e.to_string()),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod error;
 mod queues;
 mod remote;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use slog::{info, Logger};
+use slog::{debug, info, Logger};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warp::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -32,6 +33,7 @@ use crate::config::{parse_duration, DEFAULT_QUEUE};
 use crate::db::{queries, Pool};
 use crate::job::{FieldError, Job, JobStatus, NewJob};
 use crate::waiters::Waiters;
+use crate::worker::Health;
 use error::ApiError;
 
 /// Most jobs in one `POST /jobs/batch`.
@@ -44,9 +46,16 @@ pub const MAX_LIMIT: i64 = 1000;
 pub struct ApiState {
     pub pool: Pool,
     pub waiters: Arc<Waiters>,
+    /// Whether the engine runs, for `/healthz`.
+    pub health: Arc<Health>,
     /// Remote workers' claims and lease calls.
     pub remote: Arc<crate::remote::Remote>,
     pub max_body_bytes: u64,
+    /// Longest a request may spend on the database (waiting for a pooled connection included); past
+    /// it the answer is a 503. The server cancels the statement itself at its `statement_timeout`.
+    pub request_deadline: Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: Duration,
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
     pub log: Logger,
@@ -69,13 +78,25 @@ pub fn routes(
                 let started = Instant::now();
                 let query = serde_urlencoded::from_str(&query).map_err(|e| e.to_string());
                 let req = Request { method, path: path.as_str().to_string(), query, headers };
-                let resp = match route(&state, &req, body).await {
-                    Ok(resp) => resp,
-                    Err(e) => e.into_response(&state.log),
+                let (resp, client_gone) = match route(&state, &req, body).await {
+                    Ok(resp) => (resp, false),
+                    Err(e) => {
+                        let gone = e.client_gone;
+                        (e.into_response(&state.log), gone)
+                    }
                 };
-                info!(state.log, "request";
-                      "method" => req.method.as_str(), "path" => &req.path, "status" => resp.status().as_u16(),
-                      "latency_ms" => (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
+                // A client that broke off mid-request is its own problem: one debug line, so that a
+                // flood of them (a slowloris run) cannot flood the log.
+                let (status, latency_ms) =
+                    (resp.status().as_u16(), (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
+                let path = req.path.as_str();
+                if client_gone {
+                    debug!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
+                           "status" => status, "latency_ms" => latency_ms);
+                } else {
+                    info!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
+                          "status" => status, "latency_ms" => latency_ms);
+                }
                 resp
             }
         })
@@ -106,38 +127,71 @@ where
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let m = &req.method;
     match segments.as_slice() {
-        ["healthz"] if m == Method::GET => Ok(reply(StatusCode::OK, &json!({"status": "ok"}))),
+        ["healthz"] if m == Method::GET => healthz(state),
         ["healthz"] => Err(ApiError::method_not_allowed("GET")),
         ["readyz"] if m == Method::GET => ready(state).await,
         ["readyz"] => Err(ApiError::method_not_allowed("GET")),
-        ["stats"] if m == Method::GET => stats(state).await,
+        ["stats"] if m == Method::GET => within(state, stats(state)).await,
         ["stats"] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs"] if m == Method::GET => list(state, req).await,
-        ["jobs"] if m == Method::POST => create(state, req, read_json_body(state, req, body).await?).await,
+        ["jobs"] if m == Method::GET => within(state, list(state, req)).await,
+        ["jobs"] if m == Method::POST => {
+            let body = read_json_body(state, req, body).await?;
+            within(state, create(state, req, body)).await
+        }
         ["jobs"] => Err(ApiError::method_not_allowed("GET, POST")),
-        ["jobs", "batch"] if m == Method::POST => create_batch(state, read_json_body(state, req, body).await?).await,
+        ["jobs", "batch"] if m == Method::POST => {
+            let body = read_json_body(state, req, body).await?;
+            within(state, create_batch(state, body)).await
+        }
         ["jobs", "batch"] => Err(ApiError::method_not_allowed("POST")),
+        // Not bounded as a whole: `?wait=` holds the request open on purpose; each read is bounded.
         ["jobs", id] if m == Method::GET => get(state, req, parse_id(id)?).await,
         ["jobs", _] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs", id, "cancel"] if m == Method::POST => cancel(state, parse_id(id)?).await,
-        ["jobs", id, "retry"] if m == Method::POST => retry(state, parse_id(id)?).await,
+        ["jobs", id, "cancel"] if m == Method::POST => within(state, cancel(state, parse_id(id)?)).await,
+        ["jobs", id, "retry"] if m == Method::POST => within(state, retry(state, parse_id(id)?)).await,
         ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
         ["jobs", id, call @ ("heartbeat" | "complete" | "fail" | "snooze" | "release")] if m == Method::POST => {
-            remote::lease_call(state, parse_id(id)?, call, read_json_body(state, req, body).await?).await
+            let (id, body) = (parse_id(id)?, read_json_body(state, req, body).await?);
+            within(state, remote::lease_call(state, id, call, body)).await
         }
         ["jobs", _, "heartbeat" | "complete" | "fail" | "snooze" | "release"] => {
             Err(ApiError::method_not_allowed("POST"))
         }
-        ["queues"] if m == Method::GET => queues::list(state).await,
+        ["queues"] if m == Method::GET => within(state, queues::list(state)).await,
         ["queues"] => Err(ApiError::method_not_allowed("GET")),
+        // Not bounded as a whole: `wait` holds the request open on purpose; each claim is bounded.
         ["queues", queue, "claim"] if m == Method::POST => {
             remote::claim(state, queues::name(queue)?, read_json_body(state, req, body).await?).await
         }
         ["queues", queue, action @ ("pause" | "resume")] if m == Method::POST => {
-            queues::set_paused(state, queues::name(queue)?, *action == "pause").await
+            within(state, queues::set_paused(state, queues::name(queue)?, *action == "pause")).await
         }
         ["queues", _, "claim" | "pause" | "resume"] => Err(ApiError::method_not_allowed("POST")),
         _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
+    }
+}
+
+/// Runs a handler's database work under the request deadline: a database that does not answer (a lock
+/// held by someone else, an overloaded server) gets the client a 503, not a hang.
+async fn within<T>(
+    state: &ApiState,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(state.request_deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::unavailable(format!(
+            "the database did not answer within {}; try again",
+            humantime::format_duration(state.request_deadline)
+        ))
+        .retry_after(1)),
+    }
+}
+
+fn healthz(state: &ApiState) -> Result<Response, ApiError> {
+    if state.health.engine_running() {
+        Ok(reply(StatusCode::OK, &json!({"status": "ok"})))
+    } else {
+        Err(ApiError::unavailable("the engine is not running"))
     }
 }
 
@@ -165,28 +219,61 @@ where
     }
     let limit = state.max_body_bytes;
     let declared = req.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::payload_too_large(limit));
-    }
     let mut body = std::pin::pin!(body);
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(state, body.as_mut(), 0).await);
+    }
     let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
-        if (buf.len() + chunk.remaining()) as u64 > limit {
-            return Err(ApiError::payload_too_large(limit));
+    let read = tokio::time::timeout(state.body_timeout, async {
+        while let Some(chunk) = body.next().await {
+            let mut chunk =
+                chunk.map_err(|e| ApiError::client_gone(format!("could not read the request body: {e}")))?;
+            if (buf.len() + chunk.remaining()) as u64 > limit {
+                return Err(too_large(state, body.as_mut(), buf.len() + chunk.remaining()).await);
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                let n = part.len();
+                buf.put_slice(part);
+                chunk.advance(n);
+            }
         }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let n = part.len();
-            buf.put_slice(part);
-            chunk.advance(n);
-        }
+        Ok(())
+    });
+    match read.await {
+        Ok(result) => result?,
+        Err(_) => return Err(ApiError::request_timeout(state.body_timeout)),
     }
     if buf.is_empty() {
         return Err(ApiError::malformed_json("request body is empty: expected a JSON object"));
     }
     Ok(buf.freeze())
 }
+
+/// The 413 for a body over the limit, after reading and discarding what the client still sends (up to
+/// a bound of its own, briefly): a server that answers and closes while the client is still writing
+/// makes the client see a broken pipe instead of the 413.
+async fn too_large<S, B>(state: &ApiState, mut body: std::pin::Pin<&mut S>, mut seen: usize) -> ApiError
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let bound = (state.max_body_bytes as usize).saturating_mul(4).max(DISCARD_MIN);
+    let _ = tokio::time::timeout(DISCARD_TIME, async {
+        while seen <= bound {
+            match body.next().await {
+                Some(Ok(chunk)) => seen += chunk.remaining(),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    ApiError::payload_too_large(state.max_body_bytes)
+}
+
+/// What [`too_large`] reads at least, and at most how long.
+const DISCARD_MIN: usize = 16 << 20;
+const DISCARD_TIME: Duration = Duration::from_secs(5);
 
 /// Deserializes with the path of the offending field in the message, e.g. `priority: invalid type`.
 fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
@@ -235,7 +322,11 @@ impl JobSpec {
                     .ok_or_else(|| FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m"))?;
                 let too_long = || FieldError::new("delay", "is too long");
                 let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
-                Some(Utc::now().checked_add_signed(d).ok_or_else(too_long)?)
+                let at = Utc::now().checked_add_signed(d).ok_or_else(too_long)?;
+                if !crate::job::representable(at) {
+                    return Err(too_long());
+                }
+                Some(at)
             }
             (None, None) => None,
         };
@@ -297,7 +388,9 @@ async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiErro
         jobs.push(job);
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let jobs = queries::job_insert_batch(&*client, &jobs).await?;
+    // One statement, its own transaction: safe to run again if the server aborted it to break a
+    // deadlock with a concurrent statement.
+    let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&*client, &jobs)).await?;
     Ok(reply(StatusCode::CREATED, &jobs))
 }
 
@@ -315,12 +408,17 @@ async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiE
         },
     };
     // Register before reading, so a job finishing in between still wakes us.
-    let finished = (!wait.is_zero()).then(|| state.waiters.register(id));
+    let wait_for = match wait.is_zero() {
+        true => None,
+        false => Some(state.waiters.register(id).ok_or_else(|| {
+            ApiError::unavailable("too many requests are waiting for jobs; try again later").retry_after(1)
+        })?),
+    };
     let job = fetch(state, id).await?;
-    let job = match finished {
-        Some(rx) if !job.status.is_finished() => {
+    let job = match wait_for {
+        Some(mut w) if !job.status.is_finished() => {
             tokio::select! {
-                _ = rx => {}
+                _ = &mut w.finished => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = state.shutdown.cancelled() => {}
             }
@@ -332,8 +430,11 @@ async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiE
 }
 
 async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+    within(state, async {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
+    })
+    .await
 }
 
 async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {

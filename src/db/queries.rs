@@ -95,14 +95,19 @@ pub async fn job_count_unfinished(client: &impl GenericClient) -> Result<i64, Db
         .try_get(0)?)
 }
 
+/// A status column as [`JobStatus`]; the CHECK constraint admits only known ones, so anything else is a
+/// bug (a schema this code does not know), never silently some other status.
+fn status_of(row: &Row, column: &str) -> Result<JobStatus, DbError> {
+    let status: String = row.try_get(column)?;
+    JobStatus::from_stored(&status).ok_or_else(|| DbError::Decode(format!("unknown job status {status:?}")))
+}
+
 pub fn job_from_row(row: &Row) -> Result<Job, DbError> {
-    let status: String = row.try_get("status")?;
     Ok(Job {
         id: row.try_get("id")?,
         queue: row.try_get("queue")?,
         payload: row.try_get("payload")?,
-        // The CHECK constraint admits only known statuses.
-        status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
+        status: status_of(row, "status")?,
         result: row.try_get("result")?,
         error: row.try_get("error")?,
         errors: row.try_get("errors")?,
@@ -173,24 +178,35 @@ pub async fn job_insert(client: &Client, job: &NewJob) -> Result<(Job, bool), Db
 }
 
 /// Inserts many jobs in one statement: all or nothing, one notification per queue.
+///
+/// Rows go in sorted by queue and unique key: two batches whose keys overlap in a different order
+/// would otherwise each wait for the other's key in the unique index, a deadlock PostgreSQL resolves
+/// by failing one of them. In one order the second simply finds the key taken (a unique violation, a
+/// 409). The ids are chosen here so that the answer can be put back into request order.
 const JOB_INSERT_BATCH: &str = "
-INSERT INTO jobs (queue, payload, priority, run_at, max_attempts, unique_key)
-SELECT q, p, pr, coalesce(ra, now()), ma, uk
-FROM unnest($1::text[], $2::jsonb[], $3::int4[], $4::timestamptz[], $5::int4[], $6::text[])
-     WITH ORDINALITY AS t(q, p, pr, ra, ma, uk, n)
-ORDER BY n
+INSERT INTO jobs (id, queue, payload, priority, run_at, max_attempts, unique_key)
+SELECT id, q, p, pr, coalesce(ra, now()), ma, uk
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[])
+     WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, n)
+ORDER BY q, uk, n
 RETURNING *";
 
 pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::new_v4()).collect();
     let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
     let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
     let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
     let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
-    let rows =
-        client.query(JOB_INSERT_BATCH, &[&queues, &payloads, &priorities, &run_ats, &max_attempts, &keys]).await?;
-    jobs_from_rows(&rows)
+    let rows = client
+        .query(JOB_INSERT_BATCH, &[&ids, &queues, &payloads, &priorities, &run_ats, &max_attempts, &keys])
+        .await?;
+    let mut by_id: std::collections::HashMap<Uuid, Job> =
+        rows.iter().map(|r| job_from_row(r).map(|j| (j.id, j))).collect::<Result<_, _>>()?;
+    ids.iter()
+        .map(|id| by_id.remove(id).ok_or_else(|| DbError::Decode(format!("inserted job {id} was not returned"))))
+        .collect()
 }
 
 pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
@@ -490,6 +506,17 @@ pub struct Finish {
 /// ran ends cancelled rather than going back to pending for a retry, snooze or release.
 const JOB_FINISH_BATCH: &str = concat!(
     "
+WITH r AS MATERIALIZED (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
+        AS r(id, status, result, error, delay, uncount, attempt)
+), locked AS MATERIALIZED (
+    -- Every statement that locks many jobs locks them in id order (the heartbeat too), so that two
+    -- of them on overlapping rows cannot deadlock.
+    SELECT j.id FROM jobs j JOIN r ON j.id = r.id
+    WHERE j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE jobs j
 SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
                   ELSE r.status END,
@@ -505,9 +532,9 @@ SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NUL
     locked_by = NULL,
     locked_until = NULL,
     finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
-     AS r(id, status, result, error, delay, uncount, attempt)
-WHERE j.id = r.id AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
+FROM r
+WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.id = r.id
+  AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
 RETURNING j.id, j.status"
 );
 
@@ -528,30 +555,48 @@ pub async fn job_finish_batch(
     let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
     let rows =
         client.query(&stmt, &[&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts]).await?;
-    rows.iter()
-        .map(|r| {
-            let status: String = r.try_get(1)?;
-            Ok((r.try_get(0)?, JobStatus::parse(&status).unwrap_or(JobStatus::Pending)))
-        })
-        .collect()
+    rows.iter().map(|r| Ok((r.try_get(0)?, status_of(r, "status")?))).collect()
 }
 
-/// Extends the lease of every job this instance runs, in one statement. Returns the jobs still held
-/// and whether cancellation was requested for each; a job missing from the answer was lost.
+/// Extends the lease of every attempt this instance runs, in one statement. Returns the attempts still
+/// held and whether cancellation was requested for each; an attempt missing from the answer was lost.
+///
+/// Fenced on the attempt, not only the job: a job may finish and be claimed again by this same instance
+/// while a heartbeat is in flight, and the answer about the old attempt must not touch the new one.
+/// Rows are locked in id order, as the completer's finishing statement locks them.
 const JOB_HEARTBEAT: &str = "
-UPDATE jobs SET locked_until = now() + make_interval(secs => $3), updated_at = now()
-WHERE id = ANY($1) AND locked_by = $2 AND status = 'processing'
-RETURNING id, cancel_requested_at IS NOT NULL";
+WITH locked AS MATERIALIZED (
+    SELECT j.id FROM jobs j
+    JOIN unnest($1::uuid[], $2::int4[]) AS r(id, attempt) ON j.id = r.id AND j.attempts = r.attempt
+    WHERE j.locked_by = $3 AND j.status = 'processing'
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
+UPDATE jobs j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
+WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.locked_by = $3 AND j.status = 'processing'
+RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL";
+
+/// One held attempt as the heartbeat reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub cancel_requested: bool,
+}
 
 pub async fn job_heartbeat(
     conn: &mut Conn,
-    ids: &[Uuid],
+    attempts: &[(Uuid, i32)],
     instance: &str,
     lease: Duration,
-) -> Result<Vec<(Uuid, bool)>, DbError> {
+) -> Result<Vec<Held>, DbError> {
+    let ids: Vec<Uuid> = attempts.iter().map(|a| a.0).collect();
+    let numbers: Vec<i32> = attempts.iter().map(|a| a.1).collect();
     let (client, stmt) = conn.prepared(JOB_HEARTBEAT).await?;
-    let rows = client.query(&stmt, &[&ids, &instance, &secs(lease)]).await?;
-    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    let rows = client.query(&stmt, &[&ids, &numbers, &instance, &secs(lease)]).await?;
+    rows.iter()
+        .map(|r| Ok(Held { id: r.try_get(0)?, attempt: r.try_get(1)?, cancel_requested: r.try_get(2)? }))
+        .collect()
 }
 
 /// Wakes the workers of `queues` on every instance.
@@ -613,11 +658,10 @@ pub async fn job_rescue_expired(
     let rows = client.query(JOB_RESCUE_EXPIRED, &[&limit, &default_max_attempts]).await?;
     rows.iter()
         .map(|r| {
-            let status: String = r.try_get(2)?;
             Ok(Rescued {
                 id: r.try_get(0)?,
                 queue: r.try_get(1)?,
-                status: JobStatus::parse(&status).unwrap_or(JobStatus::Pending),
+                status: status_of(r, "status")?,
                 attempts: r.try_get(3)?,
                 lost_by: r.try_get(4)?,
             })

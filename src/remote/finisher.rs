@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{finish_of, Ending, Policies};
 use crate::db::lease::{self, Held, LeasedFinish};
-use crate::db::{queries, ConnSlot, DbError, STATEMENT_DEADLINE};
+use crate::db::{queries, ConnSlot, Connector, DbError};
 use crate::job::{Job, JobStatus};
 use crate::waiters::Waiters;
 
@@ -31,7 +31,7 @@ pub(crate) struct Request {
 }
 
 pub(crate) struct Finisher {
-    pub url: String,
+    pub connector: Arc<Connector>,
     pub policies: Arc<Policies>,
     pub waiters: Arc<Waiters>,
     pub log: Logger,
@@ -41,7 +41,7 @@ impl Finisher {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Request>) {
         let log = self.log.new(slog::o!("component" => "remote-finisher"));
         // A dedicated connection with the statements prepared once, like the engine's completer.
-        let mut conn = ConnSlot::new(&self.url, &log);
+        let mut conn = ConnSlot::new(&self.connector, &log);
         let mut carry: Vec<Request> = Vec::new();
         loop {
             let mut pending = std::mem::take(&mut carry);
@@ -77,8 +77,8 @@ impl Finisher {
         batch.sort_by_key(|r| r.id);
         let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
         let tokens: Vec<&str> = batch.iter().map(|r| r.lease_token.as_str()).collect();
-        let held =
-            timeout(STATEMENT_DEADLINE, async { lease::jobs_held(conn.get().await?, &ids, &tokens).await }).await;
+        let deadline = conn.deadline();
+        let held = timeout(deadline, async { lease::jobs_held(conn.get().await?, &ids, &tokens).await }).await;
         let held: HashMap<Uuid, Held> = match conn.settle(held) {
             Ok(rows) => rows.into_iter().map(|h| (h.id, h)).collect(),
             Err(e) => {
@@ -144,8 +144,8 @@ impl Finisher {
     /// Writes the rows in one statement; if the database refuses the batch, one at a time, so that one
     /// refused value does not fail the others.
     async fn write(&self, conn: &mut ConnSlot, log: &Logger, rows: &[LeasedFinish]) -> Vec<Answer> {
-        let written =
-            timeout(STATEMENT_DEADLINE, async { lease::job_finish_leased(conn.get().await?, rows).await }).await;
+        let deadline = conn.deadline();
+        let written = timeout(deadline, async { lease::job_finish_leased(conn.get().await?, rows).await }).await;
         match conn.settle(written) {
             Ok(jobs) => {
                 let mut by_id: HashMap<Uuid, Job> = jobs.into_iter().map(|j| (j.id, j)).collect();
@@ -155,7 +155,7 @@ impl Finisher {
                 warn!(log, "batch of remote outcomes refused; writing them one by one"; "err" => %e);
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
-                    let one = timeout(STATEMENT_DEADLINE, async {
+                    let one = timeout(deadline, async {
                         lease::job_finish_leased(conn.get().await?, std::slice::from_ref(row)).await
                     })
                     .await;

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::db::lease::{self, Beat, Held, Leased, LeasedClaim};
 use crate::db::queries::Finish;
-use crate::db::{DbError, Pool};
+use crate::db::{Connector, DbError, Pool};
 use crate::job::{Job, JobStatus, RetryPolicy};
 use crate::waiters::Waiters;
 use crate::worker::{finish_for, Attempt, Outcome};
@@ -79,7 +79,7 @@ pub enum Ending {
 
 pub struct RemoteSettings {
     /// For the writer of outcomes, which keeps a dedicated connection.
-    pub url: String,
+    pub connector: Arc<Connector>,
     pub pool: Pool,
     /// Retry policies of the queues configured on this instance.
     pub policies: HashMap<String, RetryPolicy>,
@@ -125,8 +125,12 @@ impl Remote {
         let log = s.log.new(slog::o!("component" => "remote"));
         let (tx, rx) = mpsc::unbounded_channel();
         let policies = Arc::new(Policies { by_queue: s.policies, default: s.default_retry });
-        let finisher =
-            finisher::Finisher { url: s.url, policies: policies.clone(), waiters: s.waiters, log: log.clone() };
+        let finisher = finisher::Finisher {
+            connector: s.connector,
+            policies: policies.clone(),
+            waiters: s.waiters,
+            log: log.clone(),
+        };
         tokio::spawn(finisher.run(rx));
         Arc::new(Remote {
             pool: s.pool,

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slog::{info, warn, Logger};
+use slog::{error, info, warn, Logger};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::executor::{finish_for, Attempt, Finished, Outcome};
 use super::Shared;
 use crate::db::queries::{self, Finish};
-use crate::db::{ConnSlot, STATEMENT_DEADLINE};
+use crate::db::{ConnSlot, ErrorClass};
 use crate::job::{JobStatus, RetryPolicy};
 use crate::waiters::Waiters;
 use tokio::time::timeout;
@@ -35,7 +35,7 @@ pub(crate) struct Completer {
 impl Completer {
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Finished>) {
         let log = self.shared.log.new(slog::o!("component" => "completer"));
-        let mut conn = ConnSlot::new(&self.shared.url, &log);
+        let mut conn = ConnSlot::new(&self.shared.connector, &log);
         let mut released = 0usize;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -79,31 +79,38 @@ impl Completer {
                 break HashMap::new();
             }
             let instance = &self.shared.instance_id;
-            let attempt = timeout(STATEMENT_DEADLINE, async {
+            let attempt = timeout(conn.deadline(), async {
                 queries::job_finish_batch(conn.get().await?, instance, &finishes).await
             })
             .await;
             match conn.settle(attempt) {
                 Ok(rows) => break rows.into_iter().collect(),
-                Err(e) if !e.is_unavailable() => {
-                    // The database refused a value: one bad outcome must not hold back the rest, or
-                    // be retried forever. Write them one at a time; whatever still fails is left to
-                    // its lease and the rescuer.
-                    warn!(log, "batch of finished jobs refused; writing them one by one"; "err" => %e);
+                Err(e) if !e.is_retryable() => {
+                    // The database refused a value, or our statement or a row's decoding is wrong:
+                    // retrying the same batch cannot help. One bad outcome must not hold back the
+                    // rest, so write them one at a time; whatever still fails is left to its lease
+                    // and the rescuer, never retried forever.
+                    if e.class() == ErrorClass::Bug {
+                        error!(log, "bug: writing finished jobs failed; writing them one by one"; "err" => %e);
+                    } else {
+                        warn!(log, "batch of finished jobs refused; writing them one by one"; "err" => %e);
+                    }
                     let mut rows = Vec::with_capacity(finishes.len());
                     for f in &finishes {
-                        let one = timeout(STATEMENT_DEADLINE, async {
+                        let one = timeout(conn.deadline(), async {
                             queries::job_finish_batch(conn.get().await?, instance, std::slice::from_ref(f)).await
                         })
                         .await;
                         match conn.settle(one) {
                             Ok(r) => rows.extend(r),
-                            Err(e) => warn!(log, "could not record a finished job"; "job_id" => %f.id, "err" => %e),
+                            Err(e) => error!(log, "could not record a finished job; its lease will expire";
+                                             "job_id" => %f.id, "attempt" => f.attempt, "err" => %e),
                         }
                     }
                     break rows.into_iter().collect();
                 }
                 Err(e) => {
+                    // Unavailable (retry with backoff) or transient (a lost race: the next try wins).
                     warn!(log, "could not record finished jobs; retrying"; "count" => finishes.len(), "err" => %e);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -78,7 +78,8 @@ pub(crate) async fn execute(
         match run {
             Err(panic) => Outcome::Error { message: panic_message(panic), after: None },
             Ok(fut) => {
-                let guarded = tokio::time::timeout(shared.job_timeout, AssertUnwindSafe(fut).catch_unwind());
+                let timeout = queue.config.timeout.unwrap_or(shared.job_timeout);
+                let guarded = tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind());
                 let mut guarded = std::pin::pin!(guarded);
                 // A requested cancellation wins over the shutdown's release.
                 let outcome = tokio::select! {
@@ -95,7 +96,7 @@ pub(crate) async fn execute(
                     _ = shared.hard_stop.cancelled() => Outcome::Released,
                     r = &mut guarded => match r {
                         Err(_) => Outcome::Error {
-                            message: format!("handler timed out after {}", humantime::format_duration(shared.job_timeout)),
+                            message: format!("handler timed out after {}", humantime::format_duration(timeout)),
                             after: None,
                         },
                         Ok(Err(panic)) => Outcome::Error { message: panic_message(panic), after: None },

@@ -7,6 +7,7 @@
 mod completer;
 mod executor;
 pub mod handler;
+pub mod handlers;
 mod heartbeat;
 mod producer;
 pub mod running;
@@ -15,11 +16,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slog::{info, warn, Logger};
+use slog::{error, info, warn, Logger};
 use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::QueueConfig;
+use crate::db::Connector;
+use crate::supervisor::TaskResult;
 use crate::waiters::Waiters;
 use handler::Handler;
 use running::Running;
@@ -29,7 +33,7 @@ pub(crate) use executor::{finish_for, Attempt, Outcome};
 
 /// What every engine task shares.
 pub(crate) struct Shared {
-    pub url: String,
+    pub connector: Arc<Connector>,
     pub instance_id: String,
     pub lease: Duration,
     pub job_timeout: Duration,
@@ -53,7 +57,7 @@ pub(crate) struct QueueRuntime {
 
 /// Settings of the engine, taken from [`crate::Config`].
 pub struct EngineSettings {
-    pub url: String,
+    pub connector: Arc<Connector>,
     pub instance_id: String,
     pub lease: Duration,
     pub job_timeout: Duration,
@@ -77,7 +81,7 @@ impl Engine {
         log: &Logger,
     ) -> Engine {
         let shared = Arc::new(Shared {
-            url: settings.url,
+            connector: settings.connector,
             instance_id: settings.instance_id,
             lease: settings.lease,
             job_timeout: settings.job_timeout,
@@ -105,9 +109,13 @@ impl Engine {
         self.queues.iter().map(|q| (q.config.name.clone(), q.wake.clone())).collect()
     }
 
-    /// Runs until `shutdown`, then drains as described in the module docs.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Runs until `shutdown`, then drains as described in the module docs. Every task it starts is
+    /// joined; one that ends before shutdown or panics (a producer, the completer, the heartbeat, an
+    /// executor) starts the instance's shutdown and makes the result an error.
+    pub async fn run(self, shutdown: CancellationToken, health: Arc<Health>) -> TaskResult {
         let log = self.shared.log.new(slog::o!("component" => "engine"));
+        let _running = health.engine_started();
+        let mut failure: Option<String> = None;
         let (tx, rx) = mpsc::unbounded_channel();
         let give_up = CancellationToken::new();
         let completer = completer::Completer {
@@ -117,22 +125,59 @@ impl Engine {
             waiters: self.waiters.clone(),
             give_up: give_up.clone(),
         };
-        let completer = tokio::spawn(completer.run(rx));
+        let mut completer = tokio::spawn(completer.run(rx));
         let heartbeat_stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat::run(self.shared.clone(), heartbeat_stop.clone()));
-        let producers: Vec<_> = self
-            .queues
-            .iter()
-            .map(|q| tokio::spawn(producer::run(q.clone(), self.shared.clone(), tx.clone(), shutdown.clone())))
-            .collect();
-        drop(tx);
+        let mut heartbeat = tokio::spawn(heartbeat::run(self.shared.clone(), heartbeat_stop.clone()));
+        let mut producers = JoinSet::new();
         for q in &self.queues {
+            producers.spawn(producer::run(q.clone(), self.shared.clone(), tx.clone(), shutdown.clone()));
             info!(log, "serving queue"; "queue" => &q.config.name, "concurrency" => q.config.concurrency);
         }
 
-        shutdown.cancelled().await;
-        for p in producers {
-            let _ = p.await;
+        // Until shutdown, nothing may end: each of these ending is a failure.
+        let mut completer_done = false;
+        let mut executors = JoinSet::new();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            Some(p) = producers.join_next() => match p {
+                // Producers return on shutdown; only an earlier return is a failure.
+                Ok((set, Ok(()))) if shutdown.is_cancelled() => absorb(&mut executors, set),
+                Ok((set, result)) => {
+                    absorb(&mut executors, set);
+                    failure = Some(result.err().map_or_else(|| "a producer exited".into(), |e| format!("producer failed: {e}")));
+                }
+                Err(e) => failure = Some(format!("producer {}", join_error_text(e))),
+            },
+            c = &mut completer => {
+                completer_done = true;
+                failure = Some(match c { Ok(()) => "completer exited".into(), Err(e) => format!("completer {}", join_error_text(e)) });
+            }
+            h = &mut heartbeat => {
+                failure = Some(match h { Ok(()) => "heartbeat exited".into(), Err(e) => format!("heartbeat {}", join_error_text(e)) });
+            }
+        }
+        if let Some(f) = &failure {
+            error!(log, "engine task failed; shutting down"; "err" => f);
+            shutdown.cancel();
+        }
+        // Held until now so that an engine serving no queue (an API-only instance) keeps its completer;
+        // from here on the completer ends once the last executor has sent its outcome.
+        drop(tx);
+
+        // Producers stop claiming and hand over the executors they started.
+        while let Some(p) = producers.join_next().await {
+            match p {
+                Ok((set, result)) => {
+                    absorb(&mut executors, set);
+                    if let Err(e) = result {
+                        failure.get_or_insert(format!("producer failed: {e}"));
+                    }
+                }
+                Err(e) => {
+                    failure.get_or_insert(format!("producer {}", join_error_text(e)));
+                }
+            }
         }
         let running = self.shared.running.len();
         if running > 0 {
@@ -148,10 +193,15 @@ impl Engine {
             warn!(log, "shutdown timeout reached; interrupting running jobs"; "count" => self.shared.running.len());
             self.shared.hard_stop.cancel();
         }
-        // Executors now finish promptly; the completer drains and stops once the last one has.
-        let mut completer = completer;
-        if tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {
-            // A handler that blocks its thread ignores cancellation; stop waiting for it.
+        // Executors now finish promptly (the hard stop drops their handlers).
+        while let Some(e) = executors.join_next().await {
+            if let Err(e) = e {
+                failure.get_or_insert(format!("executor {}", join_error_text(e)));
+            }
+        }
+        // The completer drains and stops once the last executor has sent its outcome.
+        if !completer_done && tokio::time::timeout(Duration::from_secs(10), &mut completer).await.is_err() {
+            // A write that keeps failing: stop retrying it (the leases will expire).
             give_up.cancel();
             if tokio::time::timeout(Duration::from_secs(2), &mut completer).await.is_err() {
                 completer.abort();
@@ -160,5 +210,68 @@ impl Engine {
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
         info!(log, "engine stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Moves every task of `from` into `into`, keeping them running.
+fn absorb(into: &mut JoinSet<()>, mut from: JoinSet<()>) {
+    // A JoinSet cannot be merged; wrap each remaining task's completion instead. Tasks that already
+    // finished are reaped here, panics included.
+    while let Some(done) = from.try_join_next() {
+        if let Err(e) = done {
+            if e.is_panic() {
+                let text = join_error_text(e);
+                into.spawn(async move { panic!("{text}") });
+            }
+        }
+    }
+    into.spawn(async move {
+        while let Some(done) = from.join_next().await {
+            if let Err(e) = done {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    });
+}
+
+fn join_error_text(e: tokio::task::JoinError) -> String {
+    if e.is_panic() {
+        crate::supervisor::panic_text(e.into_panic())
+    } else {
+        "was cancelled".into()
+    }
+}
+
+/// What `/healthz` reports: whether this instance's engine is running.
+#[derive(Default)]
+pub struct Health {
+    engine: std::sync::atomic::AtomicBool,
+}
+
+impl Health {
+    /// Health that reports a running engine, for an API served on its own (tests, tools).
+    pub fn running() -> Health {
+        Health { engine: std::sync::atomic::AtomicBool::new(true) }
+    }
+
+    pub fn engine_running(&self) -> bool {
+        self.engine.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks the engine running until the guard is dropped (however the engine ends, panics included).
+    fn engine_started(self: &Arc<Self>) -> HealthGuard {
+        self.engine.store(true, std::sync::atomic::Ordering::SeqCst);
+        HealthGuard(self.clone())
+    }
+}
+
+struct HealthGuard(Arc<Health>);
+
+impl Drop for HealthGuard {
+    fn drop(&mut self) {
+        self.0.engine.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

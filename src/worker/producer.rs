@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use slog::{debug, warn};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::executor::{execute, Finished};
 use super::{QueueRuntime, Shared};
-use crate::db::{queries, ConnSlot, STATEMENT_DEADLINE};
+use crate::db::{queries, ConnSlot};
+use crate::supervisor::TaskResult;
 use tokio::time::timeout;
 
 /// Largest claim, whatever the concurrency: keeps one statement's lock set and result modest.
@@ -28,14 +30,29 @@ const FETCH_COOLDOWN: Duration = Duration::from_millis(2);
 /// the claim runs.
 const TIMER_MARGIN: Duration = Duration::from_millis(3);
 
+/// Runs until shutdown. Returns the executors it started (still running, for the engine to wait for)
+/// and, if an executor panicked, the failure. (Handlers' panics are caught inside the executor; an
+/// executor's own panic is a bug that must bring the instance down, not leak a slot.)
 pub(crate) async fn run(
     queue: Arc<QueueRuntime>,
     shared: Arc<Shared>,
     done: mpsc::UnboundedSender<Finished>,
     shutdown: CancellationToken,
-) {
+) -> (JoinSet<()>, TaskResult) {
+    let mut executors = JoinSet::new();
+    let result = claim_loop(&queue, &shared, &done, &shutdown, &mut executors).await;
+    (executors, result)
+}
+
+async fn claim_loop(
+    queue: &Arc<QueueRuntime>,
+    shared: &Arc<Shared>,
+    done: &mpsc::UnboundedSender<Finished>,
+    shutdown: &CancellationToken,
+    executors: &mut JoinSet<()>,
+) -> TaskResult {
     let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
-    let mut conn = ConnSlot::new(&shared.url, &log);
+    let mut conn = ConnSlot::new(&shared.connector, &log);
     let mut backoff = Duration::from_millis(100);
     let mut backlog = false;
     let half = (queue.config.concurrency.min(MAX_CLAIM) / 2) as u32;
@@ -44,9 +61,17 @@ pub(crate) async fn run(
         // Shutdown first: once it began, a free slot must not lead to another claim.
         let first = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return,
-            p = queue.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => return Ok(()),
+            p = queue.slots.clone().acquire_owned() => p.map_err(|_| "slot semaphore closed".to_string())?,
         };
+        // Reap executors that have ended; one that panicked is a bug in this crate.
+        while let Some(ended) = executors.try_join_next() {
+            if let Err(e) = ended {
+                if e.is_panic() {
+                    return Err(format!("executor {}", crate::supervisor::panic_text(e.into_panic())));
+                }
+            }
+        }
         if backlog && half > 1 {
             // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
             // jobs each as slots freed one by one.
@@ -59,7 +84,7 @@ pub(crate) async fn run(
         // permit when the producer is not waiting, and the next `notified()` returns at once.
         let (name, limit, instance) = (&queue.config.name, want as i64, &shared.instance_id);
         let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
-        let claim = timeout(STATEMENT_DEADLINE, async {
+        let claim = timeout(conn.deadline(), async {
             queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts).await
         })
         .await;
@@ -73,7 +98,7 @@ pub(crate) async fn run(
                 warn!(log, "claim failed; backing off"; "err" => %e, "backoff_ms" => backoff.as_millis() as u64);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -89,7 +114,7 @@ pub(crate) async fn run(
                 None => queue.slots.clone().try_acquire_owned().expect("claimed no more jobs than free slots"),
             };
             debug!(log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
-            tokio::spawn(execute(job, permit, queue.clone(), shared.clone(), done.clone()));
+            executors.spawn(execute(job, permit, queue.clone(), shared.clone(), done.clone()));
         }
         drop(first);
         backlog = n == want;
@@ -104,7 +129,7 @@ pub(crate) async fn run(
             _ = queue.wake.notified() => {}
             _ = tokio::time::sleep(poll) => {}
             _ = sleep_until_opt(due) => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }

@@ -46,8 +46,9 @@ impl Running {
         }
     }
 
-    pub fn ids(&self) -> Vec<Uuid> {
-        self.jobs.lock().expect("running map poisoned").keys().copied().collect()
+    /// Every attempt held now, as (job id, attempt number).
+    pub fn attempts(&self) -> Vec<(Uuid, i32)> {
+        self.jobs.lock().expect("running map poisoned").iter().map(|(id, e)| (*id, e.attempt)).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -58,9 +59,22 @@ impl Running {
         self.len() == 0
     }
 
-    /// Signals the handler of `id`, if this instance runs it. The first reason given sticks.
+    /// Signals the handler of `id`, whichever attempt this instance runs, if any. For cancellation,
+    /// which is about the job. The first reason given sticks.
     pub fn stop(&self, id: Uuid, reason: StopReason) -> bool {
         let entry = self.jobs.lock().expect("running map poisoned").get(&id).cloned();
+        Self::signal(entry, reason)
+    }
+
+    /// Signals the handler of one attempt, and only that attempt: news about an attempt that has
+    /// already ended (a heartbeat answer that crossed its completion) must not stop the next attempt
+    /// of the same job.
+    pub fn stop_attempt(&self, id: Uuid, attempt: i32, reason: StopReason) -> bool {
+        let entry = self.jobs.lock().expect("running map poisoned").get(&id).filter(|e| e.attempt == attempt).cloned();
+        Self::signal(entry, reason)
+    }
+
+    fn signal(entry: Option<Entry>, reason: StopReason) -> bool {
         match entry {
             Some(e) => {
                 let _ = e.reason.set(reason);

@@ -13,8 +13,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod hook_server;
+
 use jobqueue::config::Config;
-use jobqueue::{Builder, HandlerError, JobContext, QueueConfig, RetryPolicy, Service};
+use jobqueue::{Builder, HandlerError, JobContext, QueueConfig, Service};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
@@ -48,8 +50,8 @@ pub async fn connect(url: &str) -> Client {
 
 static TEMPLATE: OnceCell<String> = OnceCell::const_new();
 
-/// The migrated template, named after a hash of the migrations so that a changed migration gets a
-/// new template. Built once; concurrent test binaries serialise on an advisory lock.
+/// The migrated template's name: a hash of the migrations, so that a changed migration gets a new
+/// template (and checkouts with different migrations sharing one server each get their own).
 async fn template() -> String {
     TEMPLATE
         .get_or_init(|| async {
@@ -62,40 +64,33 @@ async fn template() -> String {
                 std::fs::read(&f).unwrap().hash(&mut hasher);
             }
             let name = format!("jq_template_{:016x}", hasher.finish());
-            let admin = connect(&url_for("postgres")).await;
-            admin.execute("SELECT pg_advisory_lock(424242)", &[]).await.unwrap();
-            let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.unwrap();
-            if exists.is_none() {
-                let building = format!("{name}_building");
-                admin.batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")).await.unwrap();
-                admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
-                let config = Config { database_url: url_for(&building), ..Config::default() };
-                jobqueue::service::migrate(&config, &jobqueue::logging::discard()).await.expect("migrate template");
-                // The migration's connection closes in the background; rename once it has gone.
-                let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{building}'");
-                eventually(Duration::from_secs(10), "migration connection closed", || async {
-                    (count(&admin, &sessions).await == 0).then_some(())
-                })
-                .await;
-                admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
-                // Templates of older migrations are of no further use.
-                let old = admin
-                    .query(
-                        "SELECT datname FROM pg_database WHERE datname LIKE 'jq\\_template\\_%' AND datname <> $1",
-                        &[&name],
-                    )
-                    .await
-                    .unwrap();
-                for row in old {
-                    let old: String = row.get(0);
-                    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)")).await;
-                }
-            }
-            admin.execute("SELECT pg_advisory_unlock(424242)", &[]).await.unwrap();
+            build_template(&name).await;
             name
         })
         .await
         .clone()
+}
+
+/// Builds the template unless it exists; concurrent test binaries serialise on an advisory lock.
+async fn build_template(name: &str) {
+    let admin = connect(&url_for("postgres")).await;
+    admin.execute("SELECT pg_advisory_lock(424242)", &[]).await.unwrap();
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.unwrap();
+    if exists.is_none() {
+        let building = format!("{name}_building");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)")).await.unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {building}")).await.unwrap();
+        let config = Config { database_url: url_for(&building), ..Config::default() };
+        jobqueue::service::migrate(&config, &jobqueue::logging::discard()).await.expect("migrate template");
+        // The migration's connection closes in the background; rename once it has gone.
+        let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{building}'");
+        eventually(Duration::from_secs(10), "migration connection closed", || async {
+            (count(&admin, &sessions).await == 0).then_some(())
+        })
+        .await;
+        admin.batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}")).await.unwrap();
+    }
+    admin.execute("SELECT pg_advisory_unlock(424242)", &[]).await.unwrap();
 }
 
 /// A database of the test's own, dropped when the value is.
@@ -118,6 +113,11 @@ impl TestDb {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Someone dropped the template (a checkout of another version cleaning up): rebuild it.
+                Err(e) if tries < 50 && e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {
+                    tries += 1;
+                    build_template(&template).await;
+                }
                 Err(e) => panic!("cannot create test database: {e:?}"),
             }
         }
@@ -135,7 +135,7 @@ impl TestDb {
             database_url: self.url.clone(),
             bind: "127.0.0.1".parse().unwrap(),
             port: 0,
-            queues: vec![QueueConfig { name: "default".into(), concurrency: workers, retry: RetryPolicy::default() }],
+            queues: vec![QueueConfig::new("default", workers)],
             db_pool_size: 4,
             maintenance_interval: Duration::from_millis(500),
             ..Config::default()
@@ -326,6 +326,23 @@ impl Proc {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The API address a process started with `PORT=0` and JSON logs reports in its `listening` line.
+    pub async fn api_addr(&self) -> std::net::SocketAddr {
+        eventually(Duration::from_secs(60), &format!("{} listening", self.name), || async {
+            self.stderr()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|l| l["msg"] == "listening" && l["addr"].is_string())
+                .and_then(|l| l["addr"].as_str()?.parse().ok())
+        })
+        .await
+    }
+
+    /// The process's log as JSON records (lines that are not JSON are returned as strings).
+    pub fn log_records(&self) -> Vec<Value> {
+        self.stderr().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.into()))).collect()
+    }
 }
 
 impl Drop for Proc {
@@ -377,7 +394,9 @@ pub fn child_main() {
         let config = settings.resolve().expect("child config");
         let instance = config.instance_id.clone();
         let sleep_ms: u64 = std::env::var("JQ_SLEEP_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let pool = jobqueue::db::pool(&config.database_url, 4).await.unwrap();
+        let pool = jobqueue::db::Connector::new(&config.database_url, Duration::from_secs(10))
+            .unwrap()
+            .pool(4, Duration::from_secs(5));
         let handler = {
             let pool = pool.clone();
             move |ctx: JobContext| {
@@ -403,25 +422,14 @@ pub fn child_main() {
             }
         };
         // The real logger, to stderr (the Proc's log file), so tests can read what the instance said.
-        let (log, _guard) = jobqueue::logging::init(jobqueue::config::LogFormat::Json, slog::Level::Info, false);
+        let (log, _guard) = jobqueue::logging::init(jobqueue::config::LogFormat::Json, slog::Level::Info, None);
         let mut builder = Builder::new(config).logger(log).handler("default", handler);
         for q in ["email", "reports", "flood", "slow"] {
             let h = handler_for_extra_queue();
             builder = builder.handler(q, h);
         }
         let service = builder.start().await.expect("child starts");
-        let token = service.shutdown_token();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            token.cancel();
-            term.recv().await;
-            std::process::exit(130);
-        });
-        service.join().await;
+        service.run_until_signal().await.expect("child stops cleanly");
     });
 }
 
