@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::db::queries::{self, CHANNEL_CANCEL, CHANNEL_JOBS};
 use crate::db::{Connector, DbError, Purpose};
+use crate::remote::QueueWakes;
 use crate::supervisor::TaskResult;
 use crate::worker::running::{Running, StopReason};
 
@@ -30,6 +31,8 @@ pub const APPLICATION_NAME: &str = "jobqueue-listener";
 pub struct Dispatcher {
     pub connector: Arc<Connector>,
     pub wakes: HashMap<String, Arc<Notify>>,
+    /// Remote workers long-polling a queue on this instance.
+    pub remote: Arc<QueueWakes>,
     pub running: Arc<Running>,
     /// How often the connection is checked with a trivial query, so a silently dead one is noticed.
     pub ping_interval: Duration,
@@ -89,6 +92,7 @@ impl Dispatcher {
         for wake in self.wakes.values() {
             wake.notify_one();
         }
+        self.remote.wake_all();
 
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.tick().await;
@@ -121,6 +125,7 @@ impl Dispatcher {
                 if let Some(wake) = self.wakes.get(n.payload()) {
                     wake.notify_one();
                 }
+                self.remote.wake(n.payload());
             }
             CHANNEL_CANCEL => {
                 if let Ok(id) = Uuid::parse_str(n.payload()) {

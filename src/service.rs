@@ -16,7 +16,9 @@ use crate::api::{self, ApiState};
 use crate::config::{Config, QueueConfig};
 use crate::db::{migrate, Connector, DbError, Pool, Purpose};
 use crate::dispatcher::Dispatcher;
+use crate::instances::Registry;
 use crate::maintenance::Maintenance;
+use crate::remote::{Remote, RemoteSettings};
 use crate::supervisor::{Supervisor, TaskFailure};
 use crate::waiters::Waiters;
 use crate::worker::handler::Handler;
@@ -150,9 +152,28 @@ impl Builder {
             &log,
         );
         let wakes = engine.wakes();
+        let (remote, remote_writer) = Remote::new(RemoteSettings {
+            connector: connector.clone(),
+            pool: pool.clone(),
+            policies: config.queues.iter().map(|q| (q.name.clone(), q.retry.clone())).collect(),
+            default_retry: config.default_retry.clone(),
+            default_lease: config.job_lease,
+            poll_interval: config.poll_interval,
+            waiters: waiters.clone(),
+            // Long-polls and ?wait= requests are both waits a client holds open: one bound.
+            max_long_polls: config.http.max_waiters,
+            log: log.clone(),
+        });
+        let registry = Registry {
+            pool: pool.clone(),
+            instance_id: config.instance_id.clone(),
+            queues: wakes.keys().cloned().collect(),
+            log: log.clone(),
+        };
         let dispatcher = Dispatcher {
             connector: connector.clone(),
             wakes: wakes.clone(),
+            remote: remote.wakes(),
             running: running.clone(),
             ping_interval: Duration::from_secs(10),
             log: log.clone(),
@@ -181,6 +202,7 @@ impl Builder {
                 pool: pool.clone(),
                 waiters: waiters.clone(),
                 health: health.clone(),
+                remote: remote.clone(),
                 max_body_bytes: config.max_body_bytes,
                 request_deadline: config.db_acquire_timeout + connector.deadline(),
                 body_timeout: config.http.body_timeout,
@@ -202,8 +224,15 @@ impl Builder {
             addr = Some(local);
         }
         supervisor.spawn("engine", engine.run(shutdown.clone(), health.clone()));
+        if api {
+            // The API is the remote front's only user; without it the writer would end at once.
+            supervisor.spawn("remote-finisher", remote_writer);
+        } else {
+            drop(remote_writer);
+        }
         supervisor.spawn("listener", dispatcher.run(shutdown.clone()));
         supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
+        supervisor.spawn("registry", registry.run(shutdown.clone()));
         {
             let waiters = waiters.clone();
             let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());

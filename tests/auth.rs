@@ -26,11 +26,26 @@ fn api(
     auth: Auth,
     cors: &[&str],
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    let pool = Connector::new(&db.url, Duration::from_secs(10)).unwrap().pool(4, Duration::from_secs(5));
+    let connector = Arc::new(Connector::new(&db.url, Duration::from_secs(10)).unwrap());
+    let pool = connector.pool(4, Duration::from_secs(5));
+    let waiters = Arc::new(Waiters::default());
+    let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
+        connector,
+        pool: pool.clone(),
+        policies: Default::default(),
+        default_retry: Default::default(),
+        default_lease: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(1),
+        waiters: waiters.clone(),
+        max_long_polls: 16,
+        log: jobqueue::logging::discard(),
+    });
+    tokio::spawn(writer);
     routes(Arc::new(ApiState {
         pool,
-        waiters: Arc::new(Waiters::default()),
+        waiters,
         health: Arc::new(Health::running()),
+        remote,
         max_body_bytes: 1 << 20,
         request_deadline: Duration::from_secs(20),
         body_timeout: Duration::from_secs(30),

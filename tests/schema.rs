@@ -41,10 +41,16 @@ async fn drain(
     got
 }
 
+/// How many migrations the binary embeds: one file each in `db/migrations`.
+fn migration_files() -> i64 {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/db/migrations")).unwrap().count() as i64
+}
+
 /// Empties a test database of everything the migrations made, so that they run for real.
 async fn drop_schema(c: &tokio_postgres::Client) {
     c.batch_execute(
-        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs;
+        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
+         DROP TABLE instances;
          DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
     )
     .await
@@ -157,7 +163,7 @@ async fn concurrent_migrate_processes_both_succeed_and_a_third_changes_nothing()
     assert_eq!(a.wait(Duration::from_secs(60)).await, Some(0), "{}", a.stderr());
     assert_eq!(b.wait(Duration::from_secs(60)).await, Some(0), "{}", b.stderr());
     let applied = count(&c, "SELECT count(*) FROM jobqueue_migrations").await;
-    assert_eq!(applied, 2);
+    assert_eq!(applied, migration_files());
 
     let before: String = c
         .query_one("SELECT string_agg(applied_on, ',' ORDER BY version) FROM jobqueue_migrations", &[])
@@ -172,7 +178,7 @@ async fn concurrent_migrate_processes_both_succeed_and_a_third_changes_nothing()
         .unwrap()
         .get(0);
     assert_eq!(before, after, "nothing re-applied");
-    assert_eq!(count(&c, "SELECT count(*) FROM jobqueue_migrations").await, 2);
+    assert_eq!(count(&c, "SELECT count(*) FROM jobqueue_migrations").await, migration_files());
 }
 
 #[tokio::test]
@@ -249,9 +255,9 @@ SELECT string_agg(line, E'\\n' ORDER BY kind, line) FROM (
     FROM information_schema.columns c WHERE c.table_schema = 'public' AND c.table_name <> 'jobqueue_migrations'
     UNION ALL
     SELECT 2, format('constraint %s %s', conname, pg_get_constraintdef(oid))
-    FROM pg_constraint WHERE conrelid = 'jobs'::regclass
+    FROM pg_constraint WHERE conrelid IN ('jobs'::regclass, 'queues'::regclass, 'instances'::regclass)
     UNION ALL
-    SELECT 3, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'jobs'
+    SELECT 3, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'jobqueue_migrations'
     UNION ALL
     SELECT 4, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal
     UNION ALL

@@ -121,6 +121,19 @@ impl ApiError {
         e
     }
 
+    /// A remote worker's lease call with a token that does not hold the job (any more). `job` is given
+    /// when the call itself ended the job (a heartbeat after the lease of a cancelled job ran out).
+    pub fn lease_lost(message: impl Into<String>, job: Option<Job>) -> Self {
+        let mut e = Self::new(StatusCode::CONFLICT, "lease_lost", message);
+        e.job = job.map(Box::new);
+        e
+    }
+
+    /// Too many requests of one kind are open; come back after `retry_after_secs`.
+    pub fn busy(message: impl Into<String>, retry_after_secs: u32) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message).retry_after(retry_after_secs)
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }

@@ -4,11 +4,14 @@
 //! warp merges the rejections of sibling filters by a priority of its own, which turns an unknown path
 //! into a 405 or a bad body into a 404 depending on route order. Here every request reaches exactly
 //! one handler or one error, so 400/404/405/413/415 are exact and every error has the same JSON shape
-//! (see [`error`]). The API inserts and reads jobs; it never claims them.
+//! (see [`error`]). The API inserts and reads jobs; it claims them only on behalf of remote workers
+//! (`remote`, the lease protocol), never for this instance's own engine.
 
 mod access;
 pub mod error;
 mod framing;
+mod queues;
+mod remote;
 pub mod server;
 
 use std::sync::Arc;
@@ -47,6 +50,8 @@ pub struct ApiState {
     pub waiters: Arc<Waiters>,
     /// Whether the engine runs, for `/healthz`.
     pub health: Arc<Health>,
+    /// Remote workers' claims and lease calls.
+    pub remote: Arc<crate::remote::Remote>,
     pub max_body_bytes: u64,
     /// Longest a request may spend on the database (waiting for a pooled connection included); past
     /// it the answer is a 503. The server cancels the statement itself at its `statement_timeout`.
@@ -166,6 +171,23 @@ where
         ["jobs", id, "cancel"] if m == Method::POST => within(state, cancel(state, parse_id(id)?)).await,
         ["jobs", id, "retry"] if m == Method::POST => within(state, retry(state, parse_id(id)?)).await,
         ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
+        ["jobs", id, call @ ("heartbeat" | "complete" | "fail" | "snooze" | "release")] if m == Method::POST => {
+            let (id, body) = (parse_id(id)?, read_json_body(state, req, body).await?);
+            within(state, remote::lease_call(state, id, call, body)).await
+        }
+        ["jobs", _, "heartbeat" | "complete" | "fail" | "snooze" | "release"] => {
+            Err(ApiError::method_not_allowed("POST"))
+        }
+        ["queues"] if m == Method::GET => within(state, queues::list(state)).await,
+        ["queues"] => Err(ApiError::method_not_allowed("GET")),
+        // Not bounded as a whole: `wait` holds the request open on purpose; each claim is bounded.
+        ["queues", queue, "claim"] if m == Method::POST => {
+            remote::claim(state, queues::name(queue)?, read_json_body(state, req, body).await?).await
+        }
+        ["queues", queue, action @ ("pause" | "resume")] if m == Method::POST => {
+            within(state, queues::set_paused(state, queues::name(queue)?, *action == "pause")).await
+        }
+        ["queues", _, "claim" | "pause" | "resume"] => Err(ApiError::method_not_allowed("POST")),
         _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
     }
 }

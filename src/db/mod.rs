@@ -6,8 +6,10 @@
 
 mod connect;
 mod error;
+pub mod lease;
 pub mod migrate;
 pub mod queries;
+pub mod queues;
 pub mod tls;
 
 pub use connect::{Conn, ConnSlot, Connector, Pool, Purpose, RawConnection, DEADLINE_MARGIN};

@@ -28,6 +28,9 @@ use crate::waiters::Waiters;
 use handler::Handler;
 use running::Running;
 
+// Remote workers end their attempts with the same outcomes and the same policy arithmetic.
+pub(crate) use executor::{finish_for, Attempt, Outcome};
+
 /// What every engine task shares.
 pub(crate) struct Shared {
     pub connector: Arc<Connector>,
