@@ -37,6 +37,7 @@ async fn api_with(
         body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
+        metrics: None,
     }))
 }
 
@@ -625,6 +626,7 @@ async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
         body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
+        metrics: None,
     }));
     let id = call(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#)).await.body["id"].as_str().unwrap().to_string();
 
