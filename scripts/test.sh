@@ -12,3 +12,5 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked --no-fail-fast -- "$@"
+echo "== schemathesis (the API fuzzed against its OpenAPI document)"
+scripts/schemathesis.sh

@@ -50,8 +50,11 @@ impl Dispatcher {
             let started = tokio::time::Instant::now();
             match self.session(&shutdown, &log).await {
                 Ok(()) => return Ok(()),
-                Err(e) => warn!(log, "listen connection lost; reconnecting"; "err" => %e,
-                                "backoff_ms" => backoff.as_millis() as u64),
+                Err(e) => {
+                    crate::metrics::listener_reconnected();
+                    warn!(log, "listen connection lost; reconnecting"; "err" => %e,
+                          "backoff_ms" => backoff.as_millis() as u64)
+                }
             }
             // A session that lasted a while was healthy: start the backoff afresh.
             if started.elapsed() > BACKOFF_MAX {

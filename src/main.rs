@@ -57,6 +57,11 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Bench(args) => jobqueue::bench::run(&config, &args, &log).await,
+            Command::Healthcheck { timeout } => {
+                let timeout = jobqueue::config::parse_duration(&timeout)
+                    .ok_or_else(|| anyhow::anyhow!("--timeout={timeout:?}: expected a duration such as 3s"))?;
+                jobqueue::healthcheck::run(&config, timeout).await
+            }
         }
     });
     match result {

@@ -170,6 +170,8 @@ impl Builder {
             queues: wakes.keys().cloned().collect(),
             log: log.clone(),
         };
+        crate::metrics::init();
+        let sampler = Arc::new(crate::metrics::Sampler { slots: engine.slots(), pool: pool.clone() });
         let dispatcher = Dispatcher {
             connector: connector.clone(),
             wakes: wakes.clone(),
@@ -193,6 +195,7 @@ impl Builder {
         }
         let mut supervisor = Supervisor::new(shutdown.clone(), log.new(slog::o!("component" => "supervisor")));
         let mut addr = None;
+        let mut metrics_addr = None;
         if api {
             let bind = SocketAddr::new(config.bind, config.port);
             let listener =
@@ -210,6 +213,7 @@ impl Builder {
                 cors_origins: config.cors_origins.clone(),
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
+                metrics: Some(sampler.clone()),
             });
             let serve = api::server::serve(
                 listener,
@@ -233,6 +237,23 @@ impl Builder {
         supervisor.spawn("listener", dispatcher.run(shutdown.clone()));
         supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
         supervisor.spawn("registry", registry.run(shutdown.clone()));
+        let metrics_log = log.new(slog::o!("component" => "metrics"));
+        let refresh = crate::metrics::refresh(
+            pool.clone(),
+            crate::metrics::REFRESH_INTERVAL,
+            metrics_log.clone(),
+            shutdown.clone(),
+        );
+        supervisor.spawn("metrics", refresh);
+        if let Some(bind) = config.metrics_bind {
+            let listener =
+                tokio::net::TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
+            let local = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+            info!(log, "metrics listening"; "addr" => %local);
+            metrics_addr = Some(local);
+            supervisor
+                .spawn("metrics_listener", crate::metrics::serve(listener, sampler, metrics_log, shutdown.clone()));
+        }
         {
             let waiters = waiters.clone();
             let (pool, log, shutdown) = (pool.clone(), log.clone(), shutdown.clone());
@@ -255,13 +276,14 @@ impl Builder {
             })
         };
         info!(log, "jobqueue started");
-        Ok(Service { addr, shutdown, supervisor, pool, log })
+        Ok(Service { addr, metrics_addr, shutdown, supervisor, pool, log })
     }
 }
 
 /// A running instance.
 pub struct Service {
     addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     supervisor: JoinHandle<Result<(), TaskFailure>>,
     pool: Pool,
@@ -272,6 +294,11 @@ impl Service {
     /// The address the API listens on (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// The address of the separate `/metrics` listener (`METRICS_BIND`), if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Cancel this token to begin a graceful shutdown.

@@ -55,6 +55,7 @@ async fn api_with(
         cors_origins: Vec::new(),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
+        metrics: None,
     }))
 }
 
@@ -661,6 +662,7 @@ async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
         cors_origins: Vec::new(),
         shutdown: CancellationToken::new(),
         log: jobqueue::logging::discard(),
+        metrics: None,
     }));
     let id = call(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#)).await.body["id"].as_str().unwrap().to_string();
 

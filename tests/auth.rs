@@ -9,11 +9,7 @@ use std::time::Duration;
 use common::{count, Proc, TestDb};
 use jobqueue::api::{routes, ApiState};
 use jobqueue::auth::{Auth, Scope, TokenHash};
-use jobqueue::db::Connector;
-use jobqueue::waiters::Waiters;
-use jobqueue::worker::Health;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
 const READ: &str = "read-token-0123456789";
@@ -26,33 +22,10 @@ fn api(
     auth: Auth,
     cors: &[&str],
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    let connector = Arc::new(Connector::new(&db.url, Duration::from_secs(10)).unwrap());
-    let pool = connector.pool(4, Duration::from_secs(5));
-    let waiters = Arc::new(Waiters::default());
-    let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
-        connector,
-        pool: pool.clone(),
-        policies: Default::default(),
-        default_retry: Default::default(),
-        default_lease: Duration::from_secs(30),
-        poll_interval: Duration::from_secs(1),
-        waiters: waiters.clone(),
-        max_long_polls: 16,
-        log: jobqueue::logging::discard(),
-    });
-    tokio::spawn(writer);
     routes(Arc::new(ApiState {
-        pool,
-        waiters,
-        health: Arc::new(Health::running()),
-        remote,
-        max_body_bytes: 1 << 20,
-        request_deadline: Duration::from_secs(20),
-        body_timeout: Duration::from_secs(30),
         auth,
         cors_origins: cors.iter().map(|s| s.to_string()).collect(),
-        shutdown: CancellationToken::new(),
-        log: jobqueue::logging::discard(),
+        ..common::api_state(&db.url)
     }))
 }
 

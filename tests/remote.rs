@@ -420,6 +420,7 @@ async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
         body_timeout: Duration::from_secs(30),
         auth: Default::default(),
         cors_origins: Vec::new(),
+        metrics: None,
         shutdown: shutdown.clone(),
         log: jobqueue::logging::discard(),
     }));

@@ -27,7 +27,9 @@ pub fn need(method: &Method, segments: &[&str]) -> Need {
         ["healthz"] | ["readyz"] => Need::Public,
         _ if m == Method::OPTIONS => Need::Public,
         ["whoami"] => Need::Authenticated,
-        ["stats"] | ["jobs"] | ["jobs", _] | ["queues"] if m == Method::GET => Need::Scope(Scope::Read),
+        ["stats"] | ["jobs"] | ["jobs", _] | ["queues"] | ["metrics"] | ["openapi.json"] if m == Method::GET => {
+            Need::Scope(Scope::Read)
+        }
         ["jobs"] | ["jobs", "batch"] | ["jobs", _, "cancel" | "retry"] if m == Method::POST => {
             Need::Scope(Scope::Write)
         }

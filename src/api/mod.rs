@@ -10,6 +10,7 @@
 mod access;
 pub mod error;
 mod framing;
+pub mod openapi;
 mod queues;
 mod remote;
 pub mod server;
@@ -65,6 +66,8 @@ pub struct ApiState {
     /// Cancelled on shutdown: requests waiting for a job answer with what they have.
     pub shutdown: CancellationToken,
     pub log: Logger,
+    /// In-memory gauges sampled by `/metrics` (worker slots, pool); None serves the recorder alone.
+    pub metrics: Option<Arc<crate::metrics::Sampler>>,
 }
 
 /// The whole API as one warp filter. Its only possible rejection is warp's own (a body taken twice),
@@ -99,6 +102,11 @@ pub fn routes(
                 let (status, latency_ms) =
                     (resp.status().as_u16(), (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
                 let path = req.path.as_str();
+                crate::metrics::http_request(
+                    crate::metrics::route_template(path),
+                    status,
+                    started.elapsed().as_secs_f64(),
+                );
                 if client_gone {
                     debug!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
                            "status" => status, "latency_ms" => latency_ms);
@@ -154,6 +162,10 @@ where
         ["readyz"] => Err(ApiError::method_not_allowed("GET")),
         ["stats"] if m == Method::GET => within(state, stats(state)).await,
         ["stats"] => Err(ApiError::method_not_allowed("GET")),
+        ["metrics"] if m == Method::GET => metrics(state),
+        ["metrics"] => Err(ApiError::method_not_allowed("GET")),
+        ["openapi.json"] if m == Method::GET => Ok(openapi::document()),
+        ["openapi.json"] => Err(ApiError::method_not_allowed("GET")),
         ["jobs"] if m == Method::GET => within(state, list(state, req)).await,
         ["jobs"] if m == Method::POST => {
             let body = read_json_body(state, req, body).await?;
@@ -387,6 +399,9 @@ async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     let (job, is_new) = queries::job_insert(&client, &job).await?;
+    if is_new {
+        crate::metrics::job_inserted(&job.queue, 1);
+    }
     Ok(if is_new { created(&job) } else { reply(StatusCode::OK, &job) })
 }
 
@@ -412,6 +427,10 @@ async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiErro
     // One statement, its own transaction: safe to run again if the server aborted it to break a
     // deadlock with a concurrent statement.
     let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&*client, &jobs)).await?;
+    // Rows come back in insertion order, which sorts by queue: one counter update per queue.
+    for chunk in jobs.chunk_by(|a, b| a.queue == b.queue) {
+        crate::metrics::job_inserted(&chunk[0].queue, chunk.len() as u64);
+    }
     Ok(reply(StatusCode::CREATED, &jobs))
 }
 
@@ -538,4 +557,18 @@ async fn ready(state: &ApiState) -> Result<Response, ApiError> {
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(ApiError::unavailable("database did not answer within 3s")),
     }
+}
+
+/// The Prometheus exposition. Never touches the database: the job gauges are refreshed in the
+/// background (see [`crate::metrics::refresh`]).
+fn metrics(state: &ApiState) -> Result<Response, ApiError> {
+    let text = match &state.metrics {
+        Some(sampler) => sampler.render(),
+        None => crate::metrics::handle().map(|h| h.render()),
+    }
+    .ok_or_else(|| ApiError::unavailable("no metrics recorder: the embedding program installed its own"))?;
+    let mut resp = Response::new(text.into());
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    Ok(resp)
 }

@@ -28,6 +28,13 @@ pub enum Command {
     },
     /// Measure throughput and enqueue-to-start latency on a scratch database.
     Bench(BenchArgs),
+    /// GET /healthz of the instance on this machine (PORT); exit 0 when healthy, 1 otherwise. For
+    /// container health checks, so that the image needs no curl.
+    Healthcheck {
+        /// Give up after this long.
+        #[arg(long, default_value = "3s")]
+        timeout: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -147,6 +154,9 @@ pub struct Settings {
     /// Name of this instance in locked_by; defaults to a generated one.
     #[arg(long, env = "INSTANCE_ID", global = true)]
     pub instance_id: Option<String>,
+    /// Serve /metrics on this address (e.g. 0.0.0.0:9090) as well; by default only on the API port.
+    #[arg(long, env = "METRICS_BIND", global = true)]
+    pub metrics_bind: Option<String>,
 }
 
 impl Settings {
@@ -181,6 +191,7 @@ impl Settings {
         "retention_cancelled",
         "maintenance_interval",
         "instance_id",
+        "metrics_bind",
     ];
 
     /// The field a config file's top-level `key` sets, if it is one of [`Settings::FILE_KEYS`].
@@ -214,6 +225,7 @@ impl Settings {
             "retention_cancelled" => &mut self.retention_cancelled,
             "maintenance_interval" => &mut self.maintenance_interval,
             "instance_id" => &mut self.instance_id,
+            "metrics_bind" => &mut self.metrics_bind,
             _ => return None,
         })
     }

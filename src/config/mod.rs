@@ -148,6 +148,8 @@ pub struct Config {
     pub retention: Retention,
     pub maintenance_interval: Duration,
     pub instance_id: String,
+    /// A second listener serving `/metrics` alone; `None` serves it on the API port only.
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 /// Bounds on what HTTP clients may hold of an instance: every connection, every wait, every byte has a
@@ -232,6 +234,7 @@ impl Default for Config {
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),
+            metrics_bind: None,
         }
     }
 }

@@ -262,6 +262,14 @@ impl Settings {
             }
         };
 
+        let metrics_bind =
+            match self.metrics_bind.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(raw) => Some(raw.parse().map_err(|_| {
+                    bad("METRICS_BIND", raw, "an address and port such as 0.0.0.0:9090 or 127.0.0.1:9090")
+                })?),
+            };
+
         Ok(Config {
             database_url,
             bind,
@@ -285,6 +293,7 @@ impl Settings {
             instance_id,
             auth,
             cors_origins,
+            metrics_bind,
         })
     }
 }

@@ -62,17 +62,21 @@ impl Completer {
         let ended: Vec<(Uuid, i32)> = batch.iter().map(|f| (f.attempt.id, f.attempt.number)).collect();
         // The rows to write, and beside each what the log and the wake-ups need afterwards.
         let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
-        let mut about: Vec<(Attempt, Instant, bool)> = Vec::with_capacity(batch.len());
+        let mut about: Vec<(Attempt, Instant, bool, bool)> = Vec::with_capacity(batch.len());
         for f in batch {
             let released = f.outcome == Outcome::Released;
+            let snoozed = matches!(f.outcome, Outcome::Snooze(_));
             let policy = self.policies.get(&f.attempt.queue).unwrap_or(&default_policy);
             match finish_for(&f.attempt, f.outcome, policy) {
                 Some(w) => {
                     finishes.push(w);
-                    about.push((f.attempt, f.started, released));
+                    about.push((f.attempt, f.started, released, snoozed));
                 }
-                None => warn!(log, "lease lost while the handler ran; result dropped";
-                              "job_id" => %f.attempt.id, "queue" => &f.attempt.queue, "attempt" => f.attempt.number),
+                None => {
+                    crate::metrics::attempt_finished(&f.attempt.queue, "lost", f.started.elapsed().as_secs_f64());
+                    warn!(log, "lease lost while the handler ran; result dropped";
+                          "job_id" => %f.attempt.id, "queue" => &f.attempt.queue, "attempt" => f.attempt.number)
+                }
             }
         }
 
@@ -133,14 +137,26 @@ impl Completer {
         let mut finished_ids = Vec::new();
         let mut released_queues = BTreeSet::new();
         let mut released = 0;
-        for (w, (a, started, was_released)) in finishes.iter().zip(about) {
-            let ms = started.elapsed().as_millis() as u64;
+        for (w, (a, started, was_released, snoozed)) in finishes.iter().zip(about) {
+            let elapsed = started.elapsed();
+            let ms = elapsed.as_millis() as u64;
             let Some(status) = written.get(&w.id).copied() else {
+                crate::metrics::attempt_finished(&a.queue, "lost", elapsed.as_secs_f64());
                 warn!(log, "lease lost before the outcome was written; result dropped";
                       "job_id" => %w.id, "queue" => &a.queue, "attempt" => a.number, "duration_ms" => ms);
                 continue;
             };
             let was_released = was_released && status == JobStatus::Pending;
+            let outcome = match status {
+                JobStatus::Pending if was_released => "released",
+                JobStatus::Pending if snoozed => "snoozed",
+                JobStatus::Done => "done",
+                JobStatus::Failed => "failed",
+                JobStatus::Cancelled => "cancelled",
+                // Pending again after an error (or, rarely, processing: another write won).
+                _ => "retry",
+            };
+            crate::metrics::attempt_finished(&a.queue, outcome, elapsed.as_secs_f64());
             info!(log, "job finished";
                   "job_id" => %w.id, "queue" => &a.queue, "attempt" => a.number,
                   "status" => if was_released { "released" } else { status.as_str() },

@@ -105,6 +105,11 @@ impl Engine {
     }
 
     /// The wake-up handle of each served queue, for the dispatcher and maintenance.
+    /// Per served queue: its name, concurrency and the semaphore whose permits are its free slots.
+    pub fn slots(&self) -> Vec<(String, usize, Arc<Semaphore>)> {
+        self.queues.iter().map(|q| (q.config.name.clone(), q.config.concurrency, q.slots.clone())).collect()
+    }
+
     pub fn wakes(&self) -> HashMap<String, Arc<Notify>> {
         self.queues.iter().map(|q| (q.config.name.clone(), q.wake.clone())).collect()
     }

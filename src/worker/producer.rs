@@ -107,7 +107,9 @@ async fn claim_loop(
 
         let n = claimed.jobs.len();
         let mut first = Some(first);
+        let now = chrono::Utc::now();
         for job in claimed.jobs {
+            crate::metrics::job_claimed(&job.queue, (now - job.run_at).as_seconds_f64());
             let permit = match first.take() {
                 Some(p) => p,
                 // Only this task takes permits, and `want` did not exceed what was free.

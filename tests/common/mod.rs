@@ -448,3 +448,37 @@ fn handler_for_extra_queue() -> impl jobqueue::Handler {
 
 /// Shared handle for in-process handlers that record what they saw.
 pub type Seen = Arc<std::sync::Mutex<Vec<(uuid::Uuid, i32, Instant)>>>;
+
+/// The API's state for an in-process API on `url` (open, no engine of its own), with the remote
+/// finisher running on the test's runtime.
+pub fn api_state(url: &str) -> jobqueue::api::ApiState {
+    let connector = Arc::new(jobqueue::db::Connector::new(url, Duration::from_secs(10)).unwrap());
+    let pool = connector.pool(4, Duration::from_secs(5));
+    let waiters = Arc::new(jobqueue::waiters::Waiters::default());
+    let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
+        connector,
+        pool: pool.clone(),
+        policies: Default::default(),
+        default_retry: Default::default(),
+        default_lease: Duration::from_secs(30),
+        poll_interval: Duration::from_secs(1),
+        waiters: waiters.clone(),
+        max_long_polls: 16,
+        log: jobqueue::logging::discard(),
+    });
+    tokio::spawn(writer);
+    jobqueue::api::ApiState {
+        pool,
+        waiters,
+        health: Arc::new(jobqueue::worker::Health::running()),
+        remote,
+        max_body_bytes: 1 << 20,
+        request_deadline: Duration::from_secs(20),
+        body_timeout: Duration::from_secs(30),
+        auth: Default::default(),
+        cors_origins: Vec::new(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        log: jobqueue::logging::discard(),
+        metrics: None,
+    }
+}
