@@ -12,3 +12,8 @@ echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked --no-fail-fast -- "$@"
+# The 60-second chaos run (README, "Guarantees"): its own PostgreSQL cluster, three instances, faults.
+# The debug binary the tests just built keeps CI time down; `scripts/chaos.sh --duration 30m` (release
+# build by default) is the long run.
+echo "== chaos run (60 s)"
+scripts/chaos.sh --duration 60s --profile debug
