@@ -221,16 +221,15 @@ load_pid=$!
 log "seed=$seed duration=${secs}s postgres=127.0.0.1:$pg_port instances=${ports[*]}"
 
 declare -A faults=([kill9]=0 [term]=0 [pgkill]=0 [pgrestart]=0 [stall]=0)
-pick() { local i; i=$((RANDOM % 3)); echo "$i"; }
 fault() {
     local kind=$1 i
     case $kind in
         kill9)
-            i=$(pick); alive "$i" || return 0
+            i=$((RANDOM % 3)); alive "$i" || return 0
             log "kill -9 ${ids[$i]}"; expected[$i]=1; kill -KILL "${pids[$i]}"
             sleep 0.$((RANDOM % 10)); revive ;;
         term)
-            i=$(pick); alive "$i" || return 0
+            i=$((RANDOM % 3)); alive "$i" || return 0
             log "SIGTERM ${ids[$i]}"; expected[$i]=1; kill -TERM "${pids[$i]}"
             # SHUTDOWN_TIMEOUT (2 s) plus the final writes (up to 12 s), then it must be gone.
             local n; for n in $(seq 1 150); do alive "$i" || break; sleep 0.1; done
@@ -244,7 +243,7 @@ fault() {
             log "pg_ctl restart -m fast"
             "${as[@]}" "$bindir/pg_ctl" -D "$data" -m fast -w -t 60 restart >/dev/null 2>&1 || { log "PostgreSQL restart failed"; tail -n 20 "$data/server.log" >&2; return 1; } ;;
         stall)
-            i=$(pick); alive "$i" || return 0
+            i=$((RANDOM % 3)); alive "$i" || return 0
             # User-space stand-in for a network stall (which would need root for iptables or tc):
             # the process freezes, its connections stay open and say nothing, its leases expire.
             log "stall ${ids[$i]} for 10 s (SIGSTOP, then SIGCONT)"
@@ -296,6 +295,11 @@ for i in 0 1 2; do
 done
 
 tail -n 3 "$dir/logs/load.log" >&2
+# CHAOS_INJECT=1 proves the checker can fail: it sends one finished job back to processing by hand.
+if [[ ${CHAOS_INJECT:-0} == 1 ]]; then
+    log "injecting a violation (CHAOS_INJECT=1)"
+    psql_q -c "UPDATE jobs SET status = 'processing', locked_by = 'intruder', locked_until = now(), finished_at = NULL WHERE id = (SELECT id FROM jobs WHERE status = 'done' LIMIT 1)" >/dev/null
+fi
 python3 scripts/chaos.py check --accepted "$dir/accepted.tsv" --exec-log "$dir/exec.log" \
     --faults "kill9=${faults[kill9]} term=${faults[term]} pgkill=${faults[pgkill]} pgrestart=${faults[pgrestart]} stall=${faults[stall]}" \
     --unexpected-exits "$unexpected_exits"
