@@ -187,11 +187,12 @@ INVARIANTS = [
      "WITH starts AS (SELECT job_id, queue, unique_key, seq, at FROM chaos_events "
      "                WHERE unique_key IS NOT NULL AND kind IN ('insert', 'retry')),"
      " spans AS (SELECT s.job_id, s.queue, s.unique_key, s.at AS from_at,"
-     "   (SELECT min(e.at) FROM chaos_events e WHERE e.job_id = s.job_id AND e.seq > s.seq"
-     "    AND e.new_status IN ('done', 'failed', 'cancelled')) AS to_at FROM starts s) "
-     "SELECT a.job_id, b.job_id, a.queue, a.unique_key FROM spans a JOIN spans b "
-     "ON a.queue = b.queue AND a.unique_key = b.unique_key AND a.job_id < b.job_id "
-     "AND a.from_at < coalesce(b.to_at, 'infinity') AND b.from_at < coalesce(a.to_at, 'infinity')"),
+     "   coalesce((SELECT min(e.at) FROM chaos_events e WHERE e.job_id = s.job_id AND e.seq > s.seq"
+     "    AND e.new_status IN ('done', 'failed', 'cancelled')), 'infinity') AS to_at FROM starts s),"
+     # Sorted by start, a span overlaps an earlier one exactly when it starts before the latest end so far.
+     " ordered AS (SELECT *, max(to_at) OVER (PARTITION BY queue, unique_key ORDER BY from_at, job_id"
+     "   ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS busy_until FROM spans) "
+     "SELECT job_id, queue, unique_key, from_at, busy_until FROM ordered WHERE from_at < busy_until"),
     ("no job was deleted",
      "SELECT job_id FROM chaos_events WHERE kind = 'delete'"),
 ]

@@ -23,6 +23,9 @@ CREATE TABLE chaos_events (
     result         jsonb
 );
 
+-- The checker looks up each job's events in order.
+CREATE INDEX chaos_events_job_idx ON chaos_events (job_id, seq);
+
 CREATE FUNCTION chaos_record() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     k text;
