@@ -180,7 +180,8 @@ start_instance() {
 wait_ready() {
     local i=$1 n
     for n in $(seq 1 100); do
-        curl -fsS -m 1 "http://127.0.0.1:${ports[$i]}/healthz" >/dev/null 2>&1 && return 0
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+            "http://127.0.0.1:${ports[$i]}/healthz" >/dev/null 2>&1 && return 0
         kill -0 "${pids[$i]}" 2>/dev/null || { log "${ids[$i]} exited at start-up"; tail -n 20 "$dir/logs/${ids[$i]}.log" >&2; return 1; }
         sleep 0.2
     done
