@@ -14,3 +14,11 @@ echo "== cargo test"
 cargo test --locked --no-fail-fast -- "$@"
 echo "== schemathesis (the API fuzzed against its OpenAPI document)"
 scripts/schemathesis.sh
+# The 60-second chaos run (README, "Guarantees"): its own PostgreSQL cluster, three instances, faults.
+# The debug binary the tests just built keeps CI time down; `scripts/chaos.sh --duration 30m` (release
+# build by default) is the long run.
+# Skipped when a test-name filter is given, or with CHAOS=0.
+if [[ $# -eq 0 && ${CHAOS:-1} != 0 ]]; then
+    echo "== chaos run (60 s)"
+    scripts/chaos.sh --duration 60s --profile debug
+fi
