@@ -8,11 +8,8 @@ use std::time::Duration;
 
 use common::{count, TestDb};
 use jobqueue::api::{routes, ApiState};
-use jobqueue::db::Connector;
-use jobqueue::waiters::Waiters;
 use jobqueue::worker::Health;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
 async fn api_for(
@@ -27,36 +24,7 @@ async fn api_with(
     max_body: u64,
     health: Arc<Health>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    let connector = Arc::new(Connector::new(url, Duration::from_secs(10)).unwrap());
-    let pool = connector.pool(4, Duration::from_secs(5));
-    let waiters = Arc::new(Waiters::default());
-    let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
-        connector,
-        pool: pool.clone(),
-        policies: Default::default(),
-        default_retry: Default::default(),
-        default_lease: Duration::from_secs(30),
-        poll_interval: Duration::from_secs(1),
-        waiters: waiters.clone(),
-        max_long_polls: jobqueue::remote::MAX_LONG_POLLS,
-        log: jobqueue::logging::discard(),
-    });
-    // The remote finisher; the service runs it under its supervisor.
-    tokio::spawn(writer);
-    routes(Arc::new(ApiState {
-        pool,
-        waiters,
-        health,
-        remote,
-        max_body_bytes: max_body,
-        request_deadline: Duration::from_secs(20),
-        body_timeout: Duration::from_secs(30),
-        auth: Default::default(),
-        cors_origins: Vec::new(),
-        shutdown: CancellationToken::new(),
-        log: jobqueue::logging::discard(),
-        metrics: None,
-    }))
+    routes(Arc::new(ApiState { health, max_body_bytes: max_body, ..common::api_state(url) }))
 }
 
 struct Reply {
@@ -634,35 +602,9 @@ async fn odd_input_never_gets_a_5xx() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_table_gets_a_503_and_leaves_no_backend_behind() {
     let db = TestDb::new().await;
-    let connector = Arc::new(Connector::new(&db.url, Duration::from_millis(500)).unwrap());
-    let pool = connector.pool(4, Duration::from_secs(5));
-    let waiters = Arc::new(Waiters::default());
-    let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
-        connector,
-        pool: pool.clone(),
-        policies: Default::default(),
-        default_retry: Default::default(),
-        default_lease: Duration::from_secs(30),
-        poll_interval: Duration::from_secs(1),
-        waiters: waiters.clone(),
-        max_long_polls: jobqueue::remote::MAX_LONG_POLLS,
-        log: jobqueue::logging::discard(),
-    });
-    // The remote finisher; the service runs it under its supervisor.
-    tokio::spawn(writer);
     let api = routes(Arc::new(ApiState {
-        pool,
-        waiters,
-        health: Arc::new(Health::running()),
-        remote,
-        max_body_bytes: 1 << 20,
         request_deadline: Duration::from_secs(3),
-        body_timeout: Duration::from_secs(30),
-        auth: Default::default(),
-        cors_origins: Vec::new(),
-        shutdown: CancellationToken::new(),
-        log: jobqueue::logging::discard(),
-        metrics: None,
+        ..common::api_state_with(&db.url, Duration::from_millis(500), 16)
     }));
     let id = call(&api, "POST", "/jobs", Some(r#"{"payload": 1}"#)).await.body["id"].as_str().unwrap().to_string();
 

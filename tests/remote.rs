@@ -391,38 +391,11 @@ async fn jobs_claimed_for_a_client_that_already_left_go_straight_back_to_pending
 #[tokio::test]
 async fn long_polls_beyond_the_cap_are_told_to_come_back_later() {
     use jobqueue::api::{routes, ApiState};
-    use jobqueue::remote::{Remote, RemoteSettings};
     let db = TestDb::new().await;
-    let connector = Arc::new(jobqueue::db::Connector::new(&db.url, Duration::from_secs(10)).unwrap());
-    let pool = connector.pool(4, Duration::from_secs(5));
-    let waiters = Arc::new(jobqueue::waiters::Waiters::default());
-    let (remote, writer) = Remote::new(RemoteSettings {
-        connector,
-        pool: pool.clone(),
-        policies: Default::default(),
-        default_retry: Default::default(),
-        default_lease: Duration::from_secs(30),
-        poll_interval: Duration::from_secs(1),
-        waiters: waiters.clone(),
-        max_long_polls: 1,
-        log: jobqueue::logging::discard(),
-    });
-    // The remote finisher; the service runs it under its supervisor.
-    tokio::spawn(writer);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api = routes(Arc::new(ApiState {
-        pool,
-        waiters,
-        health: Arc::new(jobqueue::worker::Health::running()),
-        remote,
-        max_body_bytes: 1 << 20,
-        request_deadline: Duration::from_secs(20),
-        body_timeout: Duration::from_secs(30),
-        auth: Default::default(),
-        cors_origins: Vec::new(),
-        metrics: None,
         shutdown: shutdown.clone(),
-        log: jobqueue::logging::discard(),
+        ..common::api_state_with(&db.url, Duration::from_secs(10), 1)
     }));
     let request = |wait: &str| {
         warp::test::request()

@@ -15,7 +15,7 @@ use tokio_postgres::GenericClient;
 use super::Conn;
 use uuid::Uuid;
 
-use super::queries::{errors_appended, job_from_row, secs, JOB_CLAIM};
+use super::queries::{errors_appended, finish_set, job_from_row, secs, JOB_CLAIM};
 use super::DbError;
 use crate::job::{Job, JobStatus};
 
@@ -169,21 +169,10 @@ WITH locked AS MATERIALIZED (
     SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'processing' ORDER BY id FOR UPDATE
 )
 UPDATE jobs j
-SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                  ELSE r.status END,
-    result = r.result,
-    updated_at = now(),
-    error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
-    errors = CASE WHEN r.error IS NULL THEN j.errors ELSE ",
-    errors_appended!("r.error"),
-    " END,
-    run_at = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NULL
-                  THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
-    attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
-    locked_by = NULL,
-    locked_until = NULL,
-    lease_token = NULL,
-    finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
+SET ",
+    finish_set!(),
+    ",
+    lease_token = NULL
 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $7::text[])
      AS r(id, status, result, error, delay, uncount, token)
 WHERE j.id = r.id AND r.id IN (SELECT id FROM locked) AND j.lease_token = r.token AND j.status = 'processing'

@@ -387,6 +387,31 @@ macro_rules! errors_appended {
 }
 pub(crate) use errors_appended;
 
+/// The columns an attempt's end writes, from a batch row `r` (status, result, error, delay, uncount)
+/// onto job `j`: the one definition for the in-process completer and the remote finisher. A job
+/// whose cancellation was requested while it ran ends cancelled rather than going back to pending.
+macro_rules! finish_set {
+    () => {
+        concat!(
+            "status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  ELSE r.status END,
+    result = r.result,
+    updated_at = now(),
+    error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
+    errors = CASE WHEN r.error IS NULL THEN j.errors ELSE ",
+            errors_appended!("r.error"),
+            " END,
+    run_at = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NULL
+                  THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
+    attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+    locked_by = NULL,
+    locked_until = NULL,
+    finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END"
+        )
+    };
+}
+pub(crate) use finish_set;
+
 // ---------------------------------------------------------------------------------------------------
 // Engine: claim, finish, heartbeat (hot path, prepared), release, rescue, retention
 // ---------------------------------------------------------------------------------------------------
@@ -516,20 +541,9 @@ WITH locked AS MATERIALIZED (
     FOR UPDATE
 )
 UPDATE jobs j
-SET status = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                  ELSE r.status END,
-    result = r.result,
-    updated_at = now(),
-    error = CASE WHEN r.status = 'done' THEN NULL ELSE coalesce(r.error, j.error) END,
-    errors = CASE WHEN r.error IS NULL THEN j.errors ELSE ",
-    errors_appended!("r.error"),
-    " END,
-    run_at = CASE WHEN r.status = 'pending' AND j.cancel_requested_at IS NULL
-                  THEN now() + make_interval(secs => r.delay) ELSE j.run_at END,
-    attempts = CASE WHEN r.uncount THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
-    locked_by = NULL,
-    locked_until = NULL,
-    finished_at = CASE WHEN r.status <> 'pending' OR j.cancel_requested_at IS NOT NULL THEN now() END
+SET ",
+    finish_set!(),
+    "
 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
      AS r(id, status, result, error, delay, uncount, attempt)
 -- The batch drives the update (one primary-key probe per row) and is filtered through a hash of the

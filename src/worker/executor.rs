@@ -124,12 +124,7 @@ pub(crate) async fn execute(
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    let detail = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_string());
-    format!("handler panicked: {detail}")
+    format!("handler {}", crate::supervisor::panic_text(panic))
 }
 
 /// What to write for an outcome, given the attempt and its queue's retry policy. `None` for a lost

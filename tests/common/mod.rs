@@ -452,7 +452,12 @@ pub type Seen = Arc<std::sync::Mutex<Vec<(uuid::Uuid, i32, Instant)>>>;
 /// The API's state for an in-process API on `url` (open, no engine of its own), with the remote
 /// finisher running on the test's runtime.
 pub fn api_state(url: &str) -> jobqueue::api::ApiState {
-    let connector = Arc::new(jobqueue::db::Connector::new(url, Duration::from_secs(10)).unwrap());
+    api_state_with(url, Duration::from_secs(10), 16)
+}
+
+/// [`api_state`] with the database's statement timeout and the long-poll cap given.
+pub fn api_state_with(url: &str, statement_timeout: Duration, max_long_polls: usize) -> jobqueue::api::ApiState {
+    let connector = Arc::new(jobqueue::db::Connector::new(url, statement_timeout).unwrap());
     let pool = connector.pool(4, Duration::from_secs(5));
     let waiters = Arc::new(jobqueue::waiters::Waiters::default());
     let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
@@ -463,9 +468,10 @@ pub fn api_state(url: &str) -> jobqueue::api::ApiState {
         default_lease: Duration::from_secs(30),
         poll_interval: Duration::from_secs(1),
         waiters: waiters.clone(),
-        max_long_polls: 16,
+        max_long_polls,
         log: jobqueue::logging::discard(),
     });
+    // The remote finisher; the service runs it under its supervisor.
     tokio::spawn(writer);
     jobqueue::api::ApiState {
         pool,
