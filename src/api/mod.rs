@@ -10,6 +10,7 @@
 mod access;
 pub mod error;
 mod framing;
+mod jobs;
 pub mod openapi;
 mod queues;
 mod remote;
@@ -19,10 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use slog::{debug, info, Logger};
 use tokio_util::sync::CancellationToken;
@@ -32,9 +31,7 @@ use warp::path::FullPath;
 use warp::reply::Response;
 use warp::{Buf, Filter, Reply};
 
-use crate::config::{parse_duration, DEFAULT_QUEUE};
 use crate::db::{queries, Pool};
-use crate::job::{FieldError, Job, JobStatus, NewJob};
 use crate::waiters::Waiters;
 use crate::worker::Health;
 use error::ApiError;
@@ -166,22 +163,22 @@ where
         ["metrics"] => Err(ApiError::method_not_allowed("GET")),
         ["openapi.json"] if m == Method::GET => Ok(openapi::document()),
         ["openapi.json"] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs"] if m == Method::GET => within(state, list(state, req)).await,
+        ["jobs"] if m == Method::GET => within(state, jobs::list(state, req)).await,
         ["jobs"] if m == Method::POST => {
             let body = read_json_body(state, req, body).await?;
-            within(state, create(state, req, body)).await
+            within(state, jobs::create(state, req, body)).await
         }
         ["jobs"] => Err(ApiError::method_not_allowed("GET, POST")),
         ["jobs", "batch"] if m == Method::POST => {
             let body = read_json_body(state, req, body).await?;
-            within(state, create_batch(state, body)).await
+            within(state, jobs::create_batch(state, body)).await
         }
         ["jobs", "batch"] => Err(ApiError::method_not_allowed("POST")),
         // Not bounded as a whole: `?wait=` holds the request open on purpose; each read is bounded.
-        ["jobs", id] if m == Method::GET => get(state, req, parse_id(id)?).await,
+        ["jobs", id] if m == Method::GET => jobs::get(state, req, parse_id(id)?).await,
         ["jobs", _] => Err(ApiError::method_not_allowed("GET")),
-        ["jobs", id, "cancel"] if m == Method::POST => within(state, cancel(state, parse_id(id)?)).await,
-        ["jobs", id, "retry"] if m == Method::POST => within(state, retry(state, parse_id(id)?)).await,
+        ["jobs", id, "cancel"] if m == Method::POST => within(state, jobs::cancel(state, parse_id(id)?)).await,
+        ["jobs", id, "retry"] if m == Method::POST => within(state, jobs::retry(state, parse_id(id)?)).await,
         ["jobs", _, "cancel" | "retry"] => Err(ApiError::method_not_allowed("POST")),
         ["jobs", id, call @ ("heartbeat" | "complete" | "fail" | "snooze" | "release")] if m == Method::POST => {
             let (id, body) = (parse_id(id)?, read_json_body(state, req, body).await?);
@@ -324,221 +321,6 @@ fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))
-}
-
-/// One job as `POST /jobs` and `POST /jobs/batch` accept it.
-#[derive(Debug, Deserialize)]
-struct JobSpec {
-    payload: Option<Value>,
-    /// The older Go service's name for the payload.
-    description: Option<Value>,
-    queue: Option<String>,
-    priority: Option<i32>,
-    run_at: Option<DateTime<Utc>>,
-    delay: Option<String>,
-    max_attempts: Option<i32>,
-    unique_key: Option<String>,
-}
-
-impl JobSpec {
-    fn into_new_job(self) -> Result<NewJob, FieldError> {
-        let payload = match (self.payload, self.description) {
-            (Some(p), _) => p,
-            (None, Some(d)) => d,
-            (None, None) => return Err(FieldError::new("payload", "is required (any JSON value except null)")),
-        };
-        let run_at = match (self.run_at, self.delay) {
-            (Some(_), Some(_)) => return Err(FieldError::new("delay", "give run_at or delay, not both")),
-            (Some(at), None) => Some(at),
-            (None, Some(d)) => {
-                let d = parse_duration(&d)
-                    .ok_or_else(|| FieldError::new("delay", "expected a duration such as 500ms, 30s or 5m"))?;
-                let too_long = || FieldError::new("delay", "is too long");
-                let d = chrono::Duration::from_std(d).map_err(|_| too_long())?;
-                let at = Utc::now().checked_add_signed(d).ok_or_else(too_long)?;
-                if !crate::job::representable(at) {
-                    return Err(too_long());
-                }
-                Some(at)
-            }
-            (None, None) => None,
-        };
-        let job = NewJob {
-            queue: self.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
-            payload,
-            priority: self.priority.unwrap_or(0),
-            run_at,
-            max_attempts: self.max_attempts,
-            unique_key: self.unique_key,
-        };
-        job.validate()?;
-        Ok(job)
-    }
-}
-
-fn created(job: &Job) -> Response {
-    let mut resp = reply(StatusCode::CREATED, job);
-    if let Ok(loc) = HeaderValue::from_str(&format!("/jobs/{}", job.id)) {
-        resp.headers_mut().insert(header::LOCATION, loc);
-    }
-    resp
-}
-
-async fn create(state: &ApiState, req: &Request, body: Bytes) -> Result<Response, ApiError> {
-    let spec: JobSpec = decode(parse_json(&body)?, "")?;
-    let mut job = spec.into_new_job().map_err(ApiError::invalid_field)?;
-    if let Some(key) = req.headers.get("idempotency-key") {
-        let key = key.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?;
-        match &job.unique_key {
-            Some(k) if k != key => {
-                return Err(ApiError::bad_request("Idempotency-Key and unique_key differ; give one of them"))
-            }
-            _ => job.unique_key = Some(key.to_string()),
-        }
-        job.validate().map_err(ApiError::invalid_field)?;
-    }
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let (job, is_new) = queries::job_insert(&client, &job).await?;
-    if is_new {
-        crate::metrics::job_inserted(&job.queue, 1);
-    }
-    Ok(if is_new { created(&job) } else { reply(StatusCode::OK, &job) })
-}
-
-async fn create_batch(state: &ApiState, body: Bytes) -> Result<Response, ApiError> {
-    let items = match parse_json(&body)? {
-        Value::Array(items) => items,
-        Value::Object(mut o) if o.get("jobs").is_some_and(Value::is_array) => match o.remove("jobs") {
-            Some(Value::Array(items)) => items,
-            _ => unreachable!("checked to be an array"),
-        },
-        _ => return Err(ApiError::bad_request("expected a JSON array of jobs (or {\"jobs\": [...]})")),
-    };
-    if items.is_empty() || items.len() > MAX_BATCH {
-        return Err(ApiError::bad_request(format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", items.len())));
-    }
-    let mut jobs = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let spec: JobSpec = decode(item, &format!("[{i}]"))?;
-        let job = spec.into_new_job().map_err(|e| ApiError::bad_request(format!("[{i}].{e}")))?;
-        jobs.push(job);
-    }
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    // One statement, its own transaction: safe to run again if the server aborted it to break a
-    // deadlock with a concurrent statement.
-    let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&*client, &jobs)).await?;
-    // Rows come back in insertion order, which sorts by queue: one counter update per queue.
-    for chunk in jobs.chunk_by(|a, b| a.queue == b.queue) {
-        crate::metrics::job_inserted(&chunk[0].queue, chunk.len() as u64);
-    }
-    Ok(reply(StatusCode::CREATED, &jobs))
-}
-
-async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Response, ApiError> {
-    let wait = match req.param("wait")? {
-        None => Duration::ZERO,
-        Some(w) => match parse_duration(&w) {
-            Some(d) if d <= MAX_WAIT => d,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "wait={w:?}: expected a duration such as 500ms or 30s, at most {}",
-                    humantime::format_duration(MAX_WAIT)
-                )))
-            }
-        },
-    };
-    // Register before reading, so a job finishing in between still wakes us.
-    let wait_for = match wait.is_zero() {
-        true => None,
-        false => Some(state.waiters.register(id).ok_or_else(|| {
-            ApiError::unavailable("too many requests are waiting for jobs; try again later").retry_after(1)
-        })?),
-    };
-    let job = fetch(state, id).await?;
-    let job = match wait_for {
-        Some(mut w) if !job.status.is_finished() => {
-            tokio::select! {
-                _ = &mut w.finished => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = state.shutdown.cancelled() => {}
-            }
-            fetch(state, id).await?
-        }
-        _ => job,
-    };
-    Ok(reply(StatusCode::OK, &job))
-}
-
-async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
-    within(state, async {
-        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-        queries::job_get(&*client, id).await?.ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))
-    })
-    .await
-}
-
-async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
-    let limit = match req.param("limit")? {
-        None => 10,
-        Some(l) => l.parse::<i64>().ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or_else(|| {
-            ApiError::bad_request(format!("limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"))
-        })?,
-    };
-    let offset = match req.param("offset")? {
-        None => 0,
-        Some(o) => o
-            .parse::<i64>()
-            .ok()
-            .filter(|o| *o >= 0)
-            .ok_or_else(|| ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more")))?,
-    };
-    let status = match req.param("status")? {
-        None => None,
-        Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "status={s:?}: expected pending, processing, done, failed or cancelled (or todo, in_progress)"
-            ))
-        })?),
-    };
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let before = match req.param("before")? {
-        None => None,
-        Some(b) => {
-            let id = Uuid::parse_str(&b)
-                .map_err(|_| ApiError::bad_request(format!("before={b:?}: expected the id of a job")))?;
-            let job = queries::job_get(&*client, id)
-                .await?
-                .ok_or_else(|| ApiError::bad_request(format!("before={b}: no such job (it may have been deleted)")))?;
-            Some((job.created_at, job.id))
-        }
-    };
-    let filter = queries::ListFilter { status, queue: req.param("queue")?, before, limit, offset };
-    let jobs = queries::job_list(&*client, &filter).await?;
-    Ok(reply(StatusCode::OK, &jobs))
-}
-
-async fn cancel(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
-    let mut client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    match queries::job_cancel(&mut client, id).await? {
-        queries::Cancel::Cancelled(job) => Ok(reply(StatusCode::OK, &job)),
-        queries::Cancel::Requested(job) => Ok(reply(StatusCode::ACCEPTED, &job)),
-        queries::Cancel::Finished(job) => {
-            Err(ApiError::conflict(format!("job is already {}; nothing to cancel", job.status), Some(job)))
-        }
-        queries::Cancel::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
-    }
-}
-
-async fn retry(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
-    let mut client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    match queries::job_retry(&mut client, id).await? {
-        queries::Retry::Retried(job) => Ok(reply(StatusCode::OK, &job)),
-        queries::Retry::Refused(job) => Err(ApiError::conflict(
-            format!("job is {}; only failed or cancelled jobs can be retried", job.status),
-            Some(job),
-        )),
-        queries::Retry::NotFound => Err(ApiError::not_found(format!("no job with id {id}"))),
-    }
 }
 
 async fn stats(state: &ApiState) -> Result<Response, ApiError> {

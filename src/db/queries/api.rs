@@ -1,0 +1,252 @@
+//! The API's statements: insert, read, list, cancel, retry, stats.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, GenericClient};
+use uuid::Uuid;
+
+use super::super::DbError;
+use super::{job_from_row, jobs_from_rows, CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::job::{Job, JobStatus, NewJob};
+
+/// Inserts one job. With a `unique_key` that a pending or processing job of the same queue already
+/// holds, inserts nothing and returns that job with `created = false`.
+const JOB_INSERT: &str = "
+WITH ins AS (
+    INSERT INTO jobs (queue, payload, priority, run_at, max_attempts, unique_key)
+    VALUES ($1, $2, $3, coalesce($4, now()), $5, $6)
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    DO NOTHING
+    RETURNING *
+)
+SELECT true AS created, ins.* FROM ins
+UNION ALL
+SELECT false, j.* FROM jobs j
+WHERE $6::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ins)
+  AND j.queue = $1 AND j.unique_key = $6 AND j.status IN ('pending', 'processing')";
+
+/// Inserts one job, or finds the live job holding its `unique_key`; `true` when inserted.
+/// Sent with explicit parameter types (`query_typed`): one round trip, where an unprepared `query`
+/// costs two (prepare, then execute) on the pooled connections of the API.
+pub async fn job_insert(client: &Client, job: &NewJob) -> Result<(Job, bool), DbError> {
+    // The existing row is read under the statement's snapshot; if a concurrent transaction inserted it
+    // after that snapshot was taken (ON CONFLICT waited for it), the SELECT cannot see it yet. A new
+    // statement can, so try again; the same happens if the existing job finished in between.
+    for _ in 0..5 {
+        let rows = client
+            .query_typed(
+                JOB_INSERT,
+                &[
+                    (&job.queue, Type::TEXT),
+                    (&job.payload, Type::JSONB),
+                    (&job.priority, Type::INT4),
+                    (&job.run_at, Type::TIMESTAMPTZ),
+                    (&job.max_attempts, Type::INT4),
+                    (&job.unique_key, Type::TEXT),
+                ],
+            )
+            .await?;
+        if let Some(row) = rows.first() {
+            return Ok((job_from_row(row)?, row.try_get("created")?));
+        }
+    }
+    Err(DbError::Contended("unique job insert kept racing with concurrent updates of the same key".into()))
+}
+
+/// Inserts many jobs in one statement: all or nothing, one notification per queue.
+///
+/// Rows go in sorted by queue and unique key: two batches whose keys overlap in a different order
+/// would otherwise each wait for the other's key in the unique index, a deadlock PostgreSQL resolves
+/// by failing one of them. In one order the second simply finds the key taken (a unique violation, a
+/// 409). The ids are chosen here so that the answer can be put back into request order.
+const JOB_INSERT_BATCH: &str = "
+INSERT INTO jobs (id, queue, payload, priority, run_at, max_attempts, unique_key)
+SELECT id, q, p, pr, coalesce(ra, now()), ma, uk
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[])
+     WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, n)
+ORDER BY q, uk, n
+RETURNING *";
+
+pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::new_v4()).collect();
+    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
+    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
+    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let rows = client
+        .query(JOB_INSERT_BATCH, &[&ids, &queues, &payloads, &priorities, &run_ats, &max_attempts, &keys])
+        .await?;
+    let mut by_id: std::collections::HashMap<Uuid, Job> =
+        rows.iter().map(|r| job_from_row(r).map(|j| (j.id, j))).collect::<Result<_, _>>()?;
+    ids.iter()
+        .map(|id| by_id.remove(id).ok_or_else(|| DbError::Decode(format!("inserted job {id} was not returned"))))
+        .collect()
+}
+
+pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
+    let row = client.query_opt("SELECT * FROM jobs WHERE id = $1", &[&id]).await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// Filters for [`job_list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub queue: Option<String>,
+    /// Keyset pagination: only jobs older than this one (by `created_at`, then `id`).
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Newest first. With `before`, the index on (created_at DESC, id DESC) is entered at the cursor, so
+/// deep pages cost the same as the first.
+const JOB_LIST: &str = "
+SELECT * FROM jobs
+WHERE ($1::text IS NULL OR status = $1)
+  AND ($2::text IS NULL OR queue = $2)
+  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $5 OFFSET $6";
+
+pub async fn job_list(client: &impl GenericClient, f: &ListFilter) -> Result<Vec<Job>, DbError> {
+    let status = f.status.map(JobStatus::as_str);
+    let (before_at, before_id) = match f.before {
+        Some((at, id)) => (Some(at), Some(id)),
+        None => (None, None),
+    };
+    let rows = client.query(JOB_LIST, &[&status, &f.queue, &before_at, &before_id, &f.limit, &f.offset]).await?;
+    jobs_from_rows(&rows)
+}
+
+/// What [`job_cancel`] did.
+#[derive(Debug)]
+pub enum Cancel {
+    /// A pending job, now cancelled.
+    Cancelled(Job),
+    /// A processing job; its holder has been told to stop it.
+    Requested(Job),
+    /// Already finished; nothing changed.
+    Finished(Job),
+    NotFound,
+}
+
+pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
+    let tx = client.transaction().await?;
+    let Some(row) = tx.query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id]).await? else {
+        return Ok(Cancel::NotFound);
+    };
+    let job = job_from_row(&row)?;
+    let outcome = match job.status {
+        JobStatus::Pending => {
+            let row = tx
+                .query_one(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now() WHERE id = $1 RETURNING *",
+                    &[&id],
+                )
+                .await?;
+            Cancel::Cancelled(job_from_row(&row)?)
+        }
+        JobStatus::Processing => {
+            let row = tx
+                .query_one(
+                    "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+                     WHERE id = $1 RETURNING *",
+                    &[&id],
+                )
+                .await?;
+            // Delivered at commit to every instance's dispatcher; the holder cancels the handler.
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_CANCEL, &id.to_string()]).await?;
+            Cancel::Requested(job_from_row(&row)?)
+        }
+        _ => Cancel::Finished(job),
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// What [`job_retry`] did.
+#[derive(Debug)]
+pub enum Retry {
+    Retried(Job),
+    /// Not failed or cancelled; nothing changed.
+    Refused(Job),
+    NotFound,
+}
+
+/// Puts a failed or cancelled job back to pending, runnable now, with its attempts reset to zero (its
+/// error history is kept).
+pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = now(), result = NULL, updated_at = now(),
+                    finished_at = NULL, cancel_requested_at = NULL
+             WHERE id = $1 AND status IN ('failed', 'cancelled')
+             RETURNING *",
+            &[&id],
+        )
+        .await?;
+    let outcome = match row {
+        Some(row) => {
+            let job = job_from_row(&row)?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_JOBS, &job.queue]).await?;
+            Retry::Retried(job)
+        }
+        None => match job_get(&tx, id).await? {
+            Some(job) => Retry::Refused(job),
+            None => Retry::NotFound,
+        },
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Which of `ids` are finished. Used by the waiters of `GET /jobs/{id}?wait=`: one query for all of
+/// them, however many there are.
+pub async fn job_finished_among(client: &impl GenericClient, ids: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+    let rows = client
+        .query("SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('done', 'failed', 'cancelled')", &[&ids])
+        .await?;
+    rows.iter().map(|r| r.try_get(0).map_err(DbError::from)).collect()
+}
+
+/// Per-queue numbers of `GET /stats` and the `jobqueue_stats` view.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    pub pending: i64,
+    pub processing: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Seconds since the oldest runnable pending job became runnable; 0 when none waits.
+    pub oldest_pending_age_secs: f64,
+    pub finished_last_minute: i64,
+}
+
+pub async fn stats(client: &impl GenericClient) -> Result<Vec<QueueStats>, DbError> {
+    let rows = client.query("SELECT * FROM jobqueue_stats ORDER BY queue", &[]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(QueueStats {
+                queue: r.try_get("queue")?,
+                pending: r.try_get("pending")?,
+                processing: r.try_get("processing")?,
+                done: r.try_get("done")?,
+                failed: r.try_get("failed")?,
+                cancelled: r.try_get("cancelled")?,
+                oldest_pending_age_secs: r.try_get("oldest_pending_age_secs")?,
+                finished_last_minute: r.try_get("finished_last_minute")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
+    client.query_one("SELECT 1", &[]).await?;
+    Ok(())
+}

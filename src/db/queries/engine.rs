@@ -1,0 +1,221 @@
+//! The engine's hot path: claim, finish, heartbeat (prepared once per dedicated connection), and the
+//! wake-up of other instances.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use super::super::{Conn, DbError};
+use super::{errors_appended, finish_set, job_from_row, secs, status_of, CHANNEL_JOBS};
+use crate::job::{Job, JobStatus};
+
+/// Claims up to `$2` runnable jobs of queue `$1` for instance `$3` with a lease of `$4` seconds.
+///
+/// A CTE with `FOR UPDATE SKIP LOCKED` picks and locks the rows once; the UPDATE then finds them by
+/// primary key. (`WHERE id IN (SELECT ... SKIP LOCKED)` may be re-evaluated and claim more rows than
+/// asked.) The UPDATE matches `id = ANY(ARRAY(...))` rather than joining the CTE because a join let the
+/// planner hash the whole table: on 100,000 pending rows a 1000-job claim took 32 ms that way and
+/// 11 ms through the primary key.
+///
+/// When fewer jobs came back than asked, the queue has no runnable job left, so the same statement also
+/// returns in how many seconds its earliest future job comes due (the producer's timer). That lookup
+/// walks `jobs_claim_idx` one probe per distinct priority (a loose index scan) instead of reading every
+/// scheduled row, and a one-time filter skips it entirely while claims come back full. The result has
+/// one row per claimed job, or a single row whose job columns are NULL.
+///
+/// A paused queue (a row in `queues` with `paused`) yields nothing; the condition does not depend on
+/// the row, so it is evaluated once per statement. A remote claim (`$6`) writes a fresh `lease_token`,
+/// the credential remote workers present (see `db/migrations/V3__remote_workers.sql`); an in-process
+/// claim writes NULL, which no token matches. Generating the token costs about 3 µs per row (two
+/// `gen_random_uuid()`, measured with `EXPLAIN ANALYZE` over 100,000 rows), some 13% of the 23 µs a
+/// claimed job costs, and in-process workers never present one.
+pub(crate) const JOB_CLAIM: &str = "
+WITH picked AS (
+    SELECT id FROM jobs
+    WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused)
+    ORDER BY priority, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET status = 'processing',
+        attempts = j.attempts + 1,
+        updated_at = now(),
+        max_attempts = coalesce(j.max_attempts, $5),
+        locked_by = $3,
+        locked_until = now() + make_interval(secs => $4),
+        lease_token = CASE WHEN $6 THEN replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '') END
+    WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING j.*
+), next_due AS (
+    SELECT extract(epoch FROM min(d.run_at) - now())::float8 AS next_due_in
+    FROM (
+        WITH RECURSIVE prio(p) AS (
+            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending')
+            UNION ALL
+            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending' AND priority > prio.p)
+            FROM prio WHERE prio.p IS NOT NULL
+        )
+        SELECT (SELECT run_at FROM jobs
+                WHERE queue = $1 AND status = 'pending' AND priority = prio.p AND run_at > now()
+                ORDER BY run_at LIMIT 1) AS run_at
+        FROM prio WHERE prio.p IS NOT NULL
+    ) d
+    WHERE (SELECT count(*) FROM claimed) < $2
+)
+SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true";
+
+/// Jobs claimed, and when the queue's next scheduled job comes due if the claim came back short.
+pub struct Claimed {
+    pub jobs: Vec<Job>,
+    pub next_due_in: Option<Duration>,
+}
+
+pub async fn job_claim(
+    conn: &mut Conn,
+    queue: &str,
+    limit: i64,
+    instance: &str,
+    lease: Duration,
+    default_max_attempts: i32,
+) -> Result<Claimed, DbError> {
+    let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
+    let rows = client.query(&stmt, &[&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false]).await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    let mut next_due_in = None;
+    for row in &rows {
+        let due: Option<f64> = row.try_get("next_due_in")?;
+        // Capped: the producer polls anyway, and a far-future run_at must not overflow a timer.
+        next_due_in = due.filter(|s| s.is_finite()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
+        if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
+            jobs.push(job_from_row(row)?);
+        }
+    }
+    Ok(Claimed { jobs, next_due_in })
+}
+
+/// The end of one attempt, as written by [`job_finish_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub id: Uuid,
+    /// The attempt this outcome belongs to (the fence).
+    pub attempt: i32,
+    /// pending (retry, snooze, release), done, failed or cancelled.
+    pub status: JobStatus,
+    pub result: Option<Value>,
+    /// Recorded in `error` and appended to the `errors` history.
+    pub error: Option<String>,
+    /// For status pending: run again after this long.
+    pub delay: Duration,
+    /// The attempt does not count (snooze, shutdown release): `attempts` goes back down by one.
+    pub uncount: bool,
+}
+
+/// Writes the outcome of many attempts in one statement.
+///
+/// Fenced: a row is written only while this instance still holds it (`locked_by`, `processing`). A
+/// job whose lease was lost to the rescuer is left alone, so a late result never overwrites another
+/// attempt's.
+///
+/// The fence includes the attempt number, so an outcome from an earlier attempt of the same job (lease
+/// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
+/// ran ends cancelled rather than going back to pending for a retry, snooze or release.
+const JOB_FINISH_BATCH: &str = concat!(
+    "
+WITH locked AS MATERIALIZED (
+    -- Every statement that locks many jobs locks them in id order (the heartbeat too), so that two
+    -- of them on overlapping rows cannot deadlock. Found through the primary key (= ANY), one probe
+    -- per id: a join against the unnested batch let the planner scan every processing row instead,
+    -- which cut completions from thousands to hundreds a second on a 100,000-job drain.
+    SELECT id FROM jobs
+    WHERE id = ANY($1::uuid[]) AND locked_by = $7 AND status = 'processing'
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE jobs j
+SET ",
+    finish_set!(),
+    "
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
+     AS r(id, status, result, error, delay, uncount, attempt)
+-- The batch drives the update (one primary-key probe per row) and is filtered through a hash of the
+-- locked set, which is therefore built, every lock taken, before the first row is written. Filtering
+-- jobs by ANY(locked) instead let the planner drive from jobs and rescan the batch for every row:
+-- 388 ms against 15 ms for 1,000 rows.
+WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
+  AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
+RETURNING j.id, j.status"
+);
+
+/// Returns the ids that were written, with the status each got (a retry of a job whose cancellation
+/// was requested is written as cancelled); the others had lost their lease.
+pub async fn job_finish_batch(
+    conn: &mut Conn,
+    instance: &str,
+    batch: &[Finish],
+) -> Result<Vec<(Uuid, JobStatus)>, DbError> {
+    let ids: Vec<Uuid> = batch.iter().map(|f| f.id).collect();
+    let statuses: Vec<&str> = batch.iter().map(|f| f.status.as_str()).collect();
+    let results: Vec<Option<&Value>> = batch.iter().map(|f| f.result.as_ref()).collect();
+    let errors: Vec<Option<&str>> = batch.iter().map(|f| f.error.as_deref()).collect();
+    let delays: Vec<f64> = batch.iter().map(|f| secs(f.delay)).collect();
+    let uncount: Vec<bool> = batch.iter().map(|f| f.uncount).collect();
+    let attempts: Vec<i32> = batch.iter().map(|f| f.attempt).collect();
+    let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
+    let rows =
+        client.query(&stmt, &[&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts]).await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, status_of(r, "status")?))).collect()
+}
+
+/// Extends the lease of every attempt this instance runs, in one statement. Returns the attempts still
+/// held and whether cancellation was requested for each; an attempt missing from the answer was lost.
+///
+/// Fenced on the attempt, not only the job: a job may finish and be claimed again by this same instance
+/// while a heartbeat is in flight, and the answer about the old attempt must not touch the new one.
+/// Rows are locked in id order, as the completer's finishing statement locks them.
+const JOB_HEARTBEAT: &str = "
+WITH locked AS MATERIALIZED (
+    SELECT id FROM jobs
+    WHERE id = ANY($1::uuid[]) AND locked_by = $3 AND status = 'processing'
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE jobs j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
+FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
+  AND j.attempts = r.attempt AND j.locked_by = $3 AND j.status = 'processing'
+RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL";
+
+/// One held attempt as the heartbeat reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub cancel_requested: bool,
+}
+
+pub async fn job_heartbeat(
+    conn: &mut Conn,
+    attempts: &[(Uuid, i32)],
+    instance: &str,
+    lease: Duration,
+) -> Result<Vec<Held>, DbError> {
+    let ids: Vec<Uuid> = attempts.iter().map(|a| a.0).collect();
+    let numbers: Vec<i32> = attempts.iter().map(|a| a.1).collect();
+    let (client, stmt) = conn.prepared(JOB_HEARTBEAT).await?;
+    let rows = client.query(&stmt, &[&ids, &numbers, &instance, &secs(lease)]).await?;
+    rows.iter()
+        .map(|r| Ok(Held { id: r.try_get(0)?, attempt: r.try_get(1)?, cancel_requested: r.try_get(2)? }))
+        .collect()
+}
+
+/// Wakes the workers of `queues` on every instance.
+pub async fn queue_notify(client: &impl GenericClient, queues: &[String]) -> Result<(), DbError> {
+    if !queues.is_empty() {
+        client.execute("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q", &[&CHANNEL_JOBS, &queues]).await?;
+    }
+    Ok(())
+}
