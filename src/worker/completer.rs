@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::executor::{finish_for, Attempt, Finished, Outcome};
+use super::executor::Finished;
+use super::outcome::{finish_for, Attempt, Outcome};
 use super::Shared;
 use crate::db::queries::{self, Finish};
 use crate::db::{ConnSlot, ErrorClass};

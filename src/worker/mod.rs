@@ -9,6 +9,7 @@ mod executor;
 pub mod handler;
 pub mod handlers;
 mod heartbeat;
+mod outcome;
 mod producer;
 pub mod running;
 
@@ -29,7 +30,7 @@ use handler::Handler;
 use running::Running;
 
 // Remote workers end their attempts with the same outcomes and the same policy arithmetic.
-pub(crate) use executor::{finish_for, Attempt, Outcome};
+pub(crate) use outcome::{finish_for, Attempt, Outcome};
 
 /// What every engine task shares.
 pub(crate) struct Shared {
