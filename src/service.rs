@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::config::{Config, QueueConfig};
 use crate::db::{migrate, Connector, DbError, Pool, Purpose};
-use crate::dispatcher::Dispatcher;
 use crate::instances::Registry;
+use crate::listener::Listener;
 use crate::maintenance::Maintenance;
 use crate::remote::{Remote, RemoteSettings};
 use crate::supervisor::{Supervisor, TaskFailure};
@@ -172,7 +172,7 @@ impl Builder {
         };
         crate::metrics::init();
         let sampler = Arc::new(crate::metrics::Sampler { slots: engine.slots(), pool: pool.clone() });
-        let dispatcher = Dispatcher {
+        let notifications = Listener {
             connector: connector.clone(),
             wakes: wakes.clone(),
             remote: remote.wakes(),
@@ -234,7 +234,7 @@ impl Builder {
         } else {
             drop(remote_writer);
         }
-        supervisor.spawn("listener", dispatcher.run(shutdown.clone()));
+        supervisor.spawn("listener", notifications.run(shutdown.clone()));
         supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
         supervisor.spawn("registry", registry.run(shutdown.clone()));
         let metrics_log = log.new(slog::o!("component" => "metrics"));

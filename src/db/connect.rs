@@ -45,7 +45,7 @@ impl Purpose {
         match self {
             Purpose::Pool => "jobqueue",
             Purpose::Engine => "jobqueue-engine",
-            Purpose::Listener => crate::dispatcher::APPLICATION_NAME,
+            Purpose::Listener => crate::listener::APPLICATION_NAME,
             Purpose::Admin => "jobqueue-admin",
         }
     }

@@ -151,7 +151,7 @@ impl Remote {
         (remote, writer)
     }
 
-    /// The per-queue wake-ups, for the dispatcher.
+    /// The per-queue wake-ups, for the listener.
     pub fn wakes(&self) -> Arc<QueueWakes> {
         self.wakes.clone()
     }

@@ -49,7 +49,7 @@ pub(crate) struct Shared {
 pub(crate) struct QueueRuntime {
     pub config: QueueConfig,
     pub handler: Arc<dyn Handler>,
-    /// Woken by the dispatcher (notification, reconnect sweep), the completer (retry scheduled) and
+    /// Woken by the listener (notification, reconnect sweep), the completer (retry scheduled) and
     /// maintenance (rescued jobs).
     pub wake: Arc<Notify>,
     /// One permit per concurrent job.
@@ -105,7 +105,7 @@ impl Engine {
         Engine { shared, queues, waiters, shutdown_timeout: settings.shutdown_timeout }
     }
 
-    /// The wake-up handle of each served queue, for the dispatcher and maintenance.
+    /// The wake-up handle of each served queue, for the listener and maintenance.
     /// Per served queue: its name, concurrency and the semaphore whose permits are its free slots.
     pub fn slots(&self) -> Vec<(String, usize, Arc<Semaphore>)> {
         self.queues.iter().map(|q| (q.config.name.clone(), q.config.concurrency, q.slots.clone())).collect()

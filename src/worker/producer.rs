@@ -1,7 +1,7 @@
 //! One producer per queue: it claims as many jobs as the queue has free slots, in one statement, and
 //! starts an executor for each. There is no in-memory queue: a job is either in the table or held by a
 //! running executor. When the queue runs dry the producer waits for whichever comes first: a wake-up
-//! from the dispatcher, the poll tick, or the moment the earliest scheduled job comes due.
+//! from the listener, the poll tick, or the moment the earliest scheduled job comes due.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -158,7 +158,7 @@ pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError
                     &[&id],
                 )
                 .await?;
-            // Delivered at commit to every instance's dispatcher; the holder cancels the handler.
+            // Delivered at commit to every instance's listener; the holder cancels the handler.
             tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_CANCEL, &id.to_string()]).await?;
             Cancel::Requested(job_from_row(&row)?)
         }

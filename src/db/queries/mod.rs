@@ -27,7 +27,7 @@ pub const CHANNEL_JOBS: &str = "jobqueue";
 /// Channel on which cancellation of a processing job is announced. Payload: job id.
 pub const CHANNEL_CANCEL: &str = "jobqueue_cancel";
 
-/// Subscribes the dispatcher's connection to both channels.
+/// Subscribes the listener's connection to both channels.
 pub async fn channels_listen(client: &Client) -> Result<(), DbError> {
     Ok(client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};")).await?)
 }

@@ -1,4 +1,4 @@
-//! The dispatcher: one dedicated connection that `LISTEN`s and turns notifications into wake-ups.
+//! The listener: one dedicated connection that `LISTEN`s and turns notifications into wake-ups.
 //!
 //! It is a plain tokio-postgres connection, never a pooled one: a pool hands connections around and
 //! recycles them, and a notification delivered to a connection nobody is reading is silently lost.
@@ -28,7 +28,7 @@ use crate::worker::running::{Running, StopReason};
 /// `application_name` of the listening connection, so operators (and tests) can find it.
 pub const APPLICATION_NAME: &str = "jobqueue-listener";
 
-pub struct Dispatcher {
+pub struct Listener {
     pub connector: Arc<Connector>,
     pub wakes: HashMap<String, Arc<Notify>>,
     /// Remote workers long-polling a queue on this instance.
@@ -42,9 +42,9 @@ pub struct Dispatcher {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-impl Dispatcher {
+impl Listener {
     pub async fn run(self, shutdown: CancellationToken) -> TaskResult {
-        let log = self.log.new(slog::o!("component" => "dispatcher"));
+        let log = self.log.new(slog::o!("component" => "listener"));
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = tokio::time::Instant::now();
