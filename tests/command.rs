@@ -164,23 +164,20 @@ exit 1
     service.stop().await.expect("stops cleanly");
 }
 
+/// A command that starts a child and waits on it forever; it writes its own pid and the child's to
+/// `<marker>.self` and `<marker>.child`. Returns the script and the marker.
+fn hanging_script(dir: &Dir, name: &str) -> (String, PathBuf) {
+    let marker = dir.path("pids");
+    let body = format!("sleep 300 &\necho $! > {m}.child\necho $$ > {m}.self\nwait\n", m = marker.display());
+    (dir.script(name, &body), marker)
+}
+
 #[tokio::test]
 async fn a_hanging_command_and_its_children_are_killed_at_the_timeout() {
     let db = TestDb::new().await;
     let c = db.client().await;
     let dir = Dir::new();
-    let marker = dir.path("pids");
-    let script = dir.script(
-        "hang.sh",
-        &format!(
-            r#"sleep 300 &
-echo $! > {m}.child
-echo $$ > {m}.self
-wait
-"#,
-            m = marker.display()
-        ),
-    );
+    let (script, marker) = hanging_script(&dir, "hang.sh");
     let service = start(&db, &script, 1, Some(Duration::from_secs(3))).await;
     let id = insert(&c, json!({})).await;
 
@@ -200,18 +197,7 @@ async fn a_cancelled_jobs_process_is_killed() {
     let db = TestDb::new().await;
     let c = db.client().await;
     let dir = Dir::new();
-    let marker = dir.path("pids");
-    let script = dir.script(
-        "long.sh",
-        &format!(
-            r#"sleep 300 &
-echo $! > {m}.child
-echo $$ > {m}.self
-wait
-"#,
-            m = marker.display()
-        ),
-    );
+    let (script, marker) = hanging_script(&dir, "long.sh");
     let service = start(&db, &script, 3, None).await;
     let id = insert(&c, json!({})).await;
     let (shell, grandchild) =
