@@ -1,7 +1,9 @@
 //! `jobqueue bench`: throughput and enqueue-to-start latency on a scratch database.
 //!
-//! Phase 1 inserts `--jobs` no-op jobs in one statement, then starts an instance and measures how fast
-//! it drains them (claimed, run, and recorded `done`). Phase 2 enqueues single jobs at `--rate` per
+//! The instance runs with the settings a user's `jobqueue serve` would have (its default concurrency
+//! unless `--concurrency` or `WORKERS` says otherwise). Phase 1 starts it idle, inserts `--jobs` no-op
+//! jobs in one statement, and measures from that statement's commit to the last job's `finished_at`:
+//! the figure the side-by-side harness measures for every queue. Phase 2 enqueues single jobs at `--rate` per
 //! second through the pool, as API clients would, and reports the percentiles of the time from each
 //! job's `created_at` to its handler starting. The service under test logs nothing, so that the numbers
 //! measure the queue rather than the terminal.
@@ -49,7 +51,9 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     let client = server.connect(db::Purpose::Admin, log).await.context("connecting to the postgres database")?;
     client.batch_execute(&db::queries::database_drop(&args.database)).await?;
 
-    let concurrency = config.queues.first().map(|q| q.concurrency).unwrap_or(8).max(args.concurrency);
+    let concurrency = args
+        .concurrency
+        .unwrap_or_else(|| config.queues.first().map_or(QueueConfig::default().concurrency, |q| q.concurrency));
     let mut bench_config = config.clone();
     bench_config.database_url = url.clone();
     bench_config.queues = vec![QueueConfig::new(QUEUE, concurrency)];
@@ -59,15 +63,24 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
 
     // Phase 1: throughput.
     let n = args.jobs as i64;
-    db::queries::job_insert_series(&*pool.get().await?, QUEUE, n).await?;
     let count = Arc::new(AtomicU64::new(0));
     let all_started = Arc::new(Notify::new());
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One job with priority -1000 inserted once the drain is under way: how long it waits behind the
+    // backlog (it should not: it sorts first).
+    let (urgent_tx, urgent_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let urgent_started = Arc::new(Mutex::new(Some(urgent_tx)));
     let handler = {
-        let (count, all_started, latencies, measuring) =
-            (count.clone(), all_started.clone(), latencies.clone(), measuring.clone());
+        let (count, all_started, latencies, measuring, urgent_started) =
+            (count.clone(), all_started.clone(), latencies.clone(), measuring.clone(), urgent_started.clone());
         move |ctx: JobContext| {
+            if ctx.job.payload.get("urgent").is_some() {
+                if let Some(tx) = urgent_started.lock().expect("urgent").take() {
+                    let _ = tx.send(Instant::now());
+                }
+                return futures_util::future::Either::Left(async { Ok::<_, HandlerError>(serde_json::Value::Null) });
+            }
             let seen = count.fetch_add(1, Ordering::Relaxed) + 1;
             if seen == n as u64 {
                 all_started.notify_one();
@@ -76,16 +89,25 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
                 let ms = (Utc::now() - ctx.job.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 latencies.lock().expect("latencies").push(ms);
             }
-            async { Ok::<_, HandlerError>(serde_json::Value::Null) }
+            futures_util::future::Either::Right(async { Ok::<_, HandlerError>(serde_json::Value::Null) })
         }
     };
     let service = Builder::new(bench_config).api(false).handler(QUEUE, handler).start().await?;
-    // The clock starts once the instance is up; its start-up sweep is the first claim.
-    let started = Instant::now();
+    // Idle first (its start-up sweep found nothing), as a service that jobs arrive at.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = pool.get().await?;
+    let committed = db::queries::job_insert_series(&*c, QUEUE, n).await?;
+    // Once a tenth has started, so that most of the backlog is still ahead of it.
+    while count.load(Ordering::Relaxed) < (n as u64 / 10).max(1) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let urgent = NewJob { priority: -1000, ..NewJob::new(serde_json::json!({"urgent": true})).queue(QUEUE) };
+    let urgent_at = Instant::now();
+    db::queries::job_insert(&c, &urgent).await?;
+    let urgent_ms = urgent_rx.await.map(|t| (t - urgent_at).as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
     all_started.notified().await;
     // Wait until the last outcome is recorded, not merely run; a drain that stops moving is a failure
     // to report, not a reason to wait forever.
-    let c = pool.get().await?;
     let (mut left, mut moved) = (i64::MAX, Instant::now());
     loop {
         let now_left = db::queries::job_count_unfinished(&*c).await?;
@@ -99,16 +121,18 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = started.elapsed();
+    let elapsed = db::queries::bench_drain_time(&*c, QUEUE, committed).await?;
     let rate = n as f64 / elapsed.as_secs_f64();
     println!(
         "throughput: {n} no-op jobs drained in {:.2}s = {rate:.0} jobs/s (concurrency {concurrency})",
         elapsed.as_secs_f64()
     );
+    println!("priority: a priority -1000 job inserted behind the remaining backlog started {urgent_ms:.1} ms after its insert was sent");
     info!(log, "bench throughput"; "jobs" => n, "seconds" => elapsed.as_secs_f64(), "jobs_per_sec" => rate);
 
     // Phase 2: latency under a steady trickle of single inserts.
     measuring.store(true, Ordering::Relaxed);
+    let latency_since = chrono::Utc::now();
     let total = (args.rate as f64 * latency_for.as_secs_f64()) as u64;
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let t0 = tokio::time::Instant::now();
@@ -128,6 +152,16 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     while (latencies.lock().expect("latencies").len() as u64) < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The last outcomes are recorded a moment after their handlers started.
+    let (mut finished, mut tries) = ((f64::NAN, f64::NAN), 0);
+    while tries < 100 {
+        if db::queries::job_count_unfinished(&*c).await? == 0 {
+            finished = db::queries::bench_finish_latency(&*c, QUEUE, latency_since).await?;
+            break;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     service.stop().await?;
     let mut l = latencies.lock().expect("latencies").clone();
     l.sort_by(f64::total_cmp);
@@ -141,6 +175,7 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
         pct(0.99),
         pct(1.0)
     );
+    println!("latency: insert-to-finished ms (database clocks): p50 {:.2}, p99 {:.2}", finished.0, finished.1);
     drop(c);
     drop(pool);
     client.batch_execute(&db::queries::database_drop(&args.database)).await?;

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod db;
+pub mod enqueue;
 pub mod healthcheck;
 pub mod instances;
 pub mod job;

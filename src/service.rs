@@ -201,8 +201,13 @@ impl Builder {
             let listener =
                 tokio::net::TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
             let local = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
+            let (enqueuer, flushers) =
+                crate::enqueue::Enqueuer::new(pool.clone(), log.new(slog::o!("component" => "enqueue")));
+            // Ends once the API (the only holder of the enqueuer) has stopped.
+            supervisor.spawn("enqueue", flushers);
             let state = Arc::new(ApiState {
                 pool: pool.clone(),
+                enqueuer,
                 waiters: waiters.clone(),
                 health: health.clone(),
                 remote: remote.clone(),

@@ -179,9 +179,9 @@ async fn sigterm_releases_unfinished_jobs_and_the_next_start_finishes_them() {
     wait_count(
         &c,
         Duration::from_secs(30),
-        "four jobs running",
+        "eight jobs held: four running, four claimed ahead",
         "SELECT count(*) FROM jobs WHERE status = 'processing'",
-        4,
+        8,
     )
     .await;
 
@@ -616,8 +616,120 @@ async fn a_slow_completer_holds_claims_back() {
         most = most.max(count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // 20 running, at most 64 handed over and one batch of those being written.
-    assert!(most <= 20 + 64 + 64, "{most} jobs stood processing at concurrency 20");
+    // 20 running, 20 claimed ahead, at most 64 handed over and one batch of those being written.
+    assert!(most <= 20 + 20 + 64 + 64, "{most} jobs stood processing at concurrency 20");
     assert!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await > 0, "completions went on");
     svc.stop().await.expect("stops cleanly");
+}
+
+/// A handler that records the payloads it started and waits for the gate to open.
+fn gated(started: Arc<Mutex<Vec<Value>>>, gate: Arc<tokio::sync::Semaphore>) -> impl jobqueue::Handler {
+    move |ctx: JobContext| {
+        let (started, gate) = (started.clone(), gate.clone());
+        async move {
+            started.lock().unwrap().push(ctx.job.payload.clone());
+            let _ = gate.acquire().await;
+            Ok::<_, HandlerError>(Value::Null)
+        }
+    }
+}
+
+/// With one slot, a second job is claimed ahead: leased, but its handler does not start. A cancel that
+/// reaches it while it waits ends it when its turn comes, without running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_ahead_is_cancelled_without_running() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let (started, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(tokio::sync::Semaphore::new(0)));
+    // A second queue, woken only by notifications (no polling), tells when the listener has got as far
+    // as a notification sent after the cancel's.
+    let config = jobqueue::Config {
+        queues: vec![QueueConfig::new("default", 1), QueueConfig::new("probe", 1)],
+        poll_interval: Duration::from_secs(3600),
+        ..db.config(1)
+    };
+    let svc = jobqueue::Builder::new(config)
+        .handler("default", gated(started.clone(), gate.clone()))
+        .handler("probe", common::noop())
+        .start()
+        .await
+        .expect("service starts");
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'); INSERT INTO jobs (payload) VALUES ('2');").await.unwrap();
+    wait_count(&c, Duration::from_secs(10), "both claimed", "SELECT count(*) FROM jobs WHERE status = 'processing'", 2)
+        .await;
+    eventually(Duration::from_secs(5), "the first job started", || {
+        let n = started.lock().unwrap().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    // Cancelled the way psql can: request it, then tell the holder.
+    c.batch_execute(
+        "UPDATE jobs SET cancel_requested_at = now() WHERE payload = '2';
+         SELECT pg_notify('jobqueue_cancel', id::text) FROM jobs WHERE payload = '2';",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO jobs (queue, payload) VALUES ('probe', '0')").await.unwrap();
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "probe done",
+        "SELECT count(*) FROM jobs WHERE queue = 'probe' AND status = 'done'",
+        1,
+    )
+    .await;
+    gate.add_permits(10);
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "job 2 cancelled",
+        "SELECT count(*) FROM jobs WHERE status = 'cancelled'",
+        1,
+    )
+    .await;
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "job 1 done",
+        "SELECT count(*) FROM jobs WHERE status = 'done' AND queue = 'default'",
+        1,
+    )
+    .await;
+    assert_eq!(*started.lock().unwrap(), vec![serde_json::json!(1)], "job 2's handler never ran");
+    svc.stop().await.expect("stops cleanly");
+}
+
+/// Shutdown gives a job claimed ahead back to pending at once, without counting the attempt, while
+/// the running job gets its shutdown timeout to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_jobs_claimed_ahead_back_uncounted() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let (started, gate) = (Arc::new(Mutex::new(Vec::new())), Arc::new(tokio::sync::Semaphore::new(0)));
+    let config = jobqueue::Config { shutdown_timeout: Duration::from_secs(30), ..db.config(1) };
+    let svc = start_with(config, gated(started.clone(), gate.clone())).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 3) AS i").await.unwrap();
+    wait_count(&c, Duration::from_secs(10), "two claimed", "SELECT count(*) FROM jobs WHERE status = 'processing'", 2)
+        .await;
+    eventually(Duration::from_secs(5), "one job started", || {
+        let n = started.lock().unwrap().len();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+
+    let stopping = tokio::spawn(svc.stop());
+    // The job claimed ahead is back while the running one still runs.
+    wait_count(
+        &c,
+        Duration::from_secs(10),
+        "the job claimed ahead released",
+        "SELECT count(*) FROM jobs WHERE status = 'pending' AND attempts = 0",
+        2,
+    )
+    .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await, 1);
+    gate.add_permits(10);
+    stopping.await.unwrap().expect("stops cleanly");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await, 1);
+    assert_eq!(started.lock().unwrap().len(), 1, "only the running job's handler ran");
 }

@@ -51,8 +51,8 @@ async fn a_flooded_queue_does_not_starve_another() {
     .await;
     let flood_left = count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status <> 'done'").await;
     assert!(flood_left > 800, "the flood is still being worked through ({flood_left} left)");
-    // The flood queue never exceeded its concurrency of 2.
-    assert!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status = 'processing'").await <= 2);
+    // The flood queue never held more than its concurrency of 2 running plus 2 claimed ahead.
+    assert!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status = 'processing'").await <= 4);
     svc.stop().await.expect("stops cleanly");
 }
 

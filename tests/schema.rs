@@ -51,7 +51,7 @@ async fn drop_schema(c: &tokio_postgres::Client) {
     c.batch_execute(
         "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
          DROP TABLE instances;
-         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
+         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted; DROP FUNCTION jobqueue_uuidv7;",
     )
     .await
     .unwrap();
@@ -253,20 +253,26 @@ SELECT string_agg(line, E'\\n' ORDER BY kind, line) FROM (
            CASE WHEN c.is_nullable = 'NO' THEN ' not null' ELSE '' END,
            coalesce(' default ' || c.column_default, '')) AS line
     FROM information_schema.columns c WHERE c.table_schema = 'public' AND c.table_name <> 'jobqueue_migrations'
+      AND c.table_name NOT IN (SELECT relname FROM pg_class WHERE relispartition)
     UNION ALL
     SELECT 2, format('constraint %s %s', conname, pg_get_constraintdef(oid))
-    FROM pg_constraint WHERE conrelid IN ('jobs'::regclass, 'queues'::regclass, 'instances'::regclass)
+    FROM pg_constraint WHERE conrelid IN ('jobs'::regclass, 'jobs_active'::regclass, 'jobs_finished'::regclass,
+                                        'queues'::regclass, 'instances'::regclass)
+      AND NOT (conrelid <> 'jobs'::regclass AND conislocal = false)
     UNION ALL
     SELECT 3, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename <> 'jobqueue_migrations'
     UNION ALL
-    SELECT 4, pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal
+    SELECT 4, pg_get_triggerdef(oid) FROM pg_trigger
+    WHERE tgrelid IN ('jobs'::regclass, 'jobs_active'::regclass, 'jobs_finished'::regclass) AND NOT tgisinternal
+      AND tgparentid = 0
     UNION ALL
     SELECT 5, pg_get_functiondef(p.oid) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = 'public'
     UNION ALL
     SELECT 6, 'view jobqueue_stats ' || pg_get_viewdef('jobqueue_stats'::regclass, true)
     UNION ALL
-    SELECT 7, 'storage jobs ' || array_to_string(reloptions, ', ') FROM pg_class WHERE oid = 'jobs'::regclass
+    SELECT 7, 'storage ' || relname || ' ' || array_to_string(reloptions, ', ') FROM pg_class
+    WHERE oid IN ('jobs_active'::regclass, 'jobs_finished'::regclass)
 ) t";
 
 /// Like graphile-worker's schema dump: a reviewed copy of the migrated schema lives in

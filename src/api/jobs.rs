@@ -87,8 +87,7 @@ pub(super) async fn create(state: &ApiState, req: &Request, body: Bytes) -> Resu
         }
         job.validate().map_err(ApiError::invalid_field)?;
     }
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let (job, is_new) = queries::job_insert(&client, &job).await?;
+    let (job, is_new) = state.enqueuer.insert(job).await?;
     if is_new {
         crate::metrics::job_inserted(&job.queue, 1);
     }
@@ -194,12 +193,12 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
     let before = match req.param("before")? {
         None => None,
         Some(b) => {
-            let id = Uuid::parse_str(&b)
-                .map_err(|_| ApiError::bad_request(format!("before={b:?}: expected the id of a job")))?;
-            let job = queries::job_get(&*client, id)
-                .await?
-                .ok_or_else(|| ApiError::bad_request(format!("before={b}: no such job (it may have been deleted)")))?;
-            Some((job.created_at, job.id))
+            // Ids order the list, so the job itself need not exist any more (retention may have
+            // deleted it between two pages).
+            Some(
+                Uuid::parse_str(&b)
+                    .map_err(|_| ApiError::bad_request(format!("before={b:?}: expected the id of a job")))?,
+            )
         }
     };
     let filter = queries::ListFilter { status, queue: req.param("queue")?, before, limit, offset };

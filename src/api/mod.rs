@@ -45,6 +45,8 @@ pub const MAX_LIMIT: i64 = 1000;
 
 pub struct ApiState {
     pub pool: Pool,
+    /// Single-job inserts, coalesced into shared statements and commits.
+    pub enqueuer: Arc<crate::enqueue::Enqueuer>,
     pub waiters: Arc<Waiters>,
     /// Whether the engine runs, for `/healthz`.
     pub health: Arc<Health>,

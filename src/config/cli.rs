@@ -48,9 +48,9 @@ pub struct BenchArgs {
     /// Length of the latency phase, e.g. 5s.
     #[arg(long, default_value = "5s")]
     pub latency_for: String,
-    /// Concurrent jobs of the benchmark queue (at least WORKERS).
-    #[arg(long, default_value_t = 200)]
-    pub concurrency: usize,
+    /// Concurrent jobs of the benchmark queue (default: WORKERS, as `jobqueue serve` would run).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Database the benchmark creates and drops (it must not be the service's database).
     #[arg(long, default_value = "jobqueue_bench")]
     pub database: String,

@@ -158,7 +158,10 @@ fn the_environment_overrides_the_file() {
     assert_eq!(names, ["a", "b"], "the file's queues replace the default one");
     assert_eq!((c.queues[0].concurrency, c.queues[0].retry.max_attempts), (2, 4));
     assert_eq!(c.queues[0].retry.backoff, Duration::from_millis(100));
-    assert_eq!((c.queues[1].concurrency, c.queues[1].timeout), (8, Some(Duration::from_secs(5))));
+    assert_eq!(
+        (c.queues[1].concurrency, c.queues[1].timeout),
+        (super::DEFAULT_CONCURRENCY, Some(Duration::from_secs(5)))
+    );
 
     // QUEUES decides what is served, over the file's settings of the queues it names.
     let text = "[queues.a]\nconcurrency = 2\nhandler = \"command\"\ncommand = [\"true\"]\ntimeout = \"5s\"\n[queues.b]";

@@ -44,6 +44,9 @@ pub enum DbError {
     /// A row did not have the shape this code expects (a bug, or a schema it does not know).
     #[error("unexpected row: {0}")]
     Decode(String),
+    /// One failure answered to several callers (the requests of one coalesced insert).
+    #[error("{0}")]
+    Shared(std::sync::Arc<DbError>),
 }
 
 /// What to do about an error.
@@ -72,6 +75,7 @@ impl DbError {
             DbError::Decode(_) => ErrorClass::Bug,
             DbError::Postgres(e) => statement_class(e),
             DbError::Connect(e) => connect_class(e),
+            DbError::Shared(e) => e.class(),
         }
     }
 

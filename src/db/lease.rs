@@ -137,9 +137,14 @@ pub async fn job_heartbeat_leased(
     token: &str,
     lease: Duration,
 ) -> Result<Option<Beat>, DbError> {
-    let rows = client
-        .query_typed(JOB_HEARTBEAT_LEASED, &[(&id, Type::UUID), (&token, Type::TEXT), (&secs(lease), Type::FLOAT8)])
-        .await?;
+    // The row may move to jobs_finished (its completion, a cancel) while this waits for its lock: a
+    // serialization failure, after which the next statement sees where it went.
+    let rows = super::retry_transient(|| async {
+        Ok(client
+            .query_typed(JOB_HEARTBEAT_LEASED, &[(&id, Type::UUID), (&token, Type::TEXT), (&secs(lease), Type::FLOAT8)])
+            .await?)
+    })
+    .await?;
     let Some(row) = rows.first() else {
         return Ok(None);
     };
@@ -166,8 +171,9 @@ const JOB_FINISH_LEASED: &str = concat!(
     "
 WITH locked AS MATERIALIZED (
     -- Rows locked first, in id order, as every statement that locks many jobs does.
-    SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'processing' ORDER BY id FOR UPDATE
+    SELECT id FROM jobs_active WHERE id = ANY($1::uuid[]) AND status = 'processing' ORDER BY id FOR UPDATE
 )
+-- Through the parent: a job that ends moves to jobs_finished.
 UPDATE jobs j
 SET ",
     finish_set!(),

@@ -24,9 +24,18 @@ pub struct Applied {
 
 /// Applies every pending migration to the database behind `client`.
 pub async fn run(client: &mut Client, log: &Logger) -> Result<Applied, DbError> {
+    run_until(client, None, log).await
+}
+
+/// Applies pending migrations up to and including `version` (all of them with `None`): the upgrade
+/// tests build a database as an older release left it, then upgrade it.
+pub async fn run_until(client: &mut Client, version: Option<i32>, log: &Logger) -> Result<Applied, DbError> {
     client.batch_execute(queries::MIGRATION_LOCK).await?;
     let mut runner = migrations::runner();
     runner.set_migration_table_name(MIGRATIONS_TABLE);
+    if let Some(v) = version {
+        runner = runner.set_target(refinery::Target::Version(v));
+    }
     let result = runner.set_abort_divergent(true).set_abort_missing(true).run_async(client).await;
     // Unlock even when the run failed; if the connection itself broke the server has released the lock.
     let unlocked = client.batch_execute(queries::MIGRATION_UNLOCK).await;

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::handler::{HandlerError, JobContext};
 use super::outcome::{Attempt, Outcome};
-use super::running::StopReason;
+use super::running::{Entry, StopReason};
 use super::{QueueRuntime, Shared};
 use crate::job::Job;
 
@@ -24,16 +24,30 @@ pub(crate) struct Finished {
     pub started: Instant,
 }
 
+/// Runs `job` in `slot`. `entry` registered the attempt at its claim; `room` is the job's place among
+/// those the queue holds, given back once the outcome is handed over.
 pub(crate) async fn execute(
     job: Job,
-    permit: OwnedSemaphorePermit,
+    entry: Entry,
+    slot: OwnedSemaphorePermit,
+    room: OwnedSemaphorePermit,
     queue: Arc<QueueRuntime>,
     shared: Arc<Shared>,
     done: mpsc::Sender<Finished>,
 ) {
     let started = Instant::now();
     let attempt = Attempt::of(&job);
-    let entry = shared.running.insert(attempt.id, attempt.number);
+    if entry.token.is_cancelled() {
+        // Cancelled (or found lost) while it waited for its slot: it never runs.
+        let outcome = match entry.reason.get() {
+            Some(StopReason::LeaseLost) => Outcome::LeaseLost,
+            _ => Outcome::Cancelled,
+        };
+        drop(slot);
+        let _ = done.send(Finished { attempt, outcome, started }).await;
+        drop(room);
+        return;
+    }
     let ctx = JobContext::new(job, entry.token.clone());
     let outcome = {
         // Creating the future may itself panic; so may polling it.
@@ -76,14 +90,15 @@ pub(crate) async fn execute(
             }
         }
     };
-    // The slot goes back once the outcome is handed to the completer, not when it is written, so the
-    // producer can claim the next job while the completer batches this one. The channel is bounded:
-    // when the completer falls behind, executors wait here holding their slots, and the producer stops
-    // claiming. (With an unbounded channel a slow completer let claims run ahead: 84,000 jobs stood
-    // processing at concurrency 1000, their outcomes queued in memory.)
-    // The completer only goes away after every sender has; a failed send means the process is exiting.
+    // The slot goes back as soon as the handler is done, so a job claimed ahead starts at once; the
+    // room goes back once the outcome is handed to the completer. The channel is bounded: when the
+    // completer falls behind, executors wait here holding their room, and the producer stops claiming.
+    // (With an unbounded channel a slow completer let claims run ahead: 84,000 jobs stood processing
+    // at concurrency 1000, their outcomes queued in memory.) The completer only goes away after every
+    // sender has; a failed send means the process is exiting.
+    drop(slot);
     let _ = done.send(Finished { attempt, outcome, started }).await;
-    drop(permit);
+    drop(room);
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

@@ -54,6 +54,25 @@ pub(crate) struct QueueRuntime {
     pub wake: Arc<Notify>,
     /// One permit per concurrent job.
     pub slots: Arc<Semaphore>,
+    /// One permit per job this instance may hold for the queue: running ones plus those claimed ahead
+    /// of a free slot (`concurrency + prefetch`). The producer sizes its claims by these.
+    pub room: Arc<Semaphore>,
+}
+
+impl QueueRuntime {
+    /// Jobs held at most: running plus claimed ahead.
+    pub fn capacity(&self) -> usize {
+        self.config.concurrency + prefetch(self.config.concurrency)
+    }
+}
+
+/// Jobs claimed ahead of free slots, per queue: as many as the queue has slots, so that a slot that
+/// frees finds its next job already claimed (graphile-worker's "local queue"), and claims are batches
+/// of up to twice the concurrency. A job claimed ahead is leased and heartbeated like a running one,
+/// starts in claim order, its timeout starts when its handler does, a cancel ends it without running
+/// it, and shutdown returns it to pending without counting an attempt.
+pub(crate) fn prefetch(concurrency: usize) -> usize {
+    concurrency
 }
 
 /// Settings of the engine, taken from [`crate::Config`].
@@ -96,6 +115,7 @@ impl Engine {
             .map(|(config, handler)| {
                 Arc::new(QueueRuntime {
                     slots: Arc::new(Semaphore::new(config.concurrency)),
+                    room: Arc::new(Semaphore::new(config.concurrency + prefetch(config.concurrency))),
                     config,
                     handler,
                     wake: Arc::new(Notify::new()),
@@ -124,7 +144,7 @@ impl Engine {
         let mut failure: Option<String> = None;
         // Outcomes handed over but not yet written: at most one per slot of every served queue (and at
         // least a completer batch's worth), so that memory and the rows left processing are bounded.
-        let slots: usize = self.queues.iter().map(|q| q.config.concurrency).sum();
+        let slots: usize = self.queues.iter().map(|q| q.capacity()).sum();
         let (tx, rx) = mpsc::channel(slots.clamp(64, 10_000));
         let give_up = CancellationToken::new();
         let completer = completer::Completer {
@@ -195,7 +215,7 @@ impl Engine {
         }
         let all_idle = async {
             for q in &self.queues {
-                let _ = q.slots.acquire_many(q.config.concurrency as u32).await;
+                let _ = q.room.acquire_many(q.capacity() as u32).await;
             }
         };
         if tokio::time::timeout(self.shutdown_timeout, all_idle).await.is_err() {

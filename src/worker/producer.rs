@@ -1,6 +1,7 @@
-//! One producer per queue: it claims as many jobs as the queue has free slots, in one statement, and
-//! starts an executor for each. There is no in-memory queue: a job is either in the table or held by a
-//! running executor. When the queue runs dry the producer waits for whichever comes first: a wake-up
+//! One producer per queue: it claims as many jobs as the queue has room for (free slots plus the jobs it
+//! may claim ahead, see [`super::prefetch`]), in one statement, and starts an executor for each; an
+//! executor claimed ahead waits for a slot. The table stays the truth: a job held here is leased and
+//! heartbeated, and goes back to pending if the instance stops before running it. When the queue runs dry the producer waits for whichever comes first: a wake-up
 //! from the listener, the poll tick, or the moment the earliest scheduled job comes due.
 
 use std::sync::Arc;
@@ -12,9 +13,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::VecDeque;
+
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::executor::{execute, Finished};
+use super::outcome::{Attempt, Outcome};
+use super::running::Entry;
 use super::{QueueRuntime, Shared};
 use crate::db::{queries, ConnSlot};
+use crate::job::Job;
 use crate::supervisor::TaskResult;
 use tokio::time::timeout;
 
@@ -55,14 +63,14 @@ async fn claim_loop(
     let mut conn = ConnSlot::new(&shared.connector, &log);
     let mut backoff = Duration::from_millis(100);
     let mut backlog = false;
-    let half = (queue.config.concurrency.min(MAX_CLAIM) / 2) as u32;
+    let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
     loop {
         // Wait for a free slot.
         // Shutdown first: once it began, a free slot must not lead to another claim.
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
-            p = queue.slots.clone().acquire_owned() => p.map_err(|_| "slot semaphore closed".to_string())?,
+            p = queue.room.clone().acquire_owned() => p.map_err(|_| "room semaphore closed".to_string())?,
         };
         // Reap executors that have ended; one that panicked is a bug in this crate.
         while let Some(ended) = executors.try_join_next() {
@@ -75,10 +83,10 @@ async fn claim_loop(
         if backlog && half > 1 {
             // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
             // jobs each as slots freed one by one.
-            let more = tokio::time::timeout(FETCH_COOLDOWN, queue.slots.clone().acquire_many_owned(half - 1)).await;
+            let more = tokio::time::timeout(FETCH_COOLDOWN, queue.room.clone().acquire_many_owned(half - 1)).await;
             drop(more);
         }
-        let want = (1 + queue.slots.available_permits()).min(MAX_CLAIM);
+        let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
 
         // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
         // permit when the producer is not waiting, and the next `notified()` returns at once.
@@ -108,17 +116,38 @@ async fn claim_loop(
         let n = claimed.jobs.len();
         let mut first = Some(first);
         let now = chrono::Utc::now();
+        // Every claimed job is held from here on: registered at once, so that heartbeats extend the
+        // lease of those still waiting for a slot and a cancel reaches them.
+        let mut ahead = VecDeque::with_capacity(n);
         for job in claimed.jobs {
             crate::metrics::job_claimed(&job.queue, (now - job.run_at).as_seconds_f64());
-            let permit = match first.take() {
+            let room = match first.take() {
                 Some(p) => p,
                 // Only this task takes permits, and `want` did not exceed what was free.
-                None => queue.slots.clone().try_acquire_owned().expect("claimed no more jobs than free slots"),
+                None => queue.room.clone().try_acquire_owned().expect("claimed no more jobs than there was room for"),
             };
             debug!(log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
-            executors.spawn(execute(job, permit, queue.clone(), shared.clone(), done.clone()));
+            let entry = shared.running.insert(job.id, job.attempts);
+            ahead.push_back((job, entry, room));
         }
         drop(first);
+        // Started in the order claimed (priority, then run_at), each as soon as a slot is free. The
+        // producer does the waiting rather than each executor, so that the order holds.
+        while let Some((job, entry, room)) = ahead.pop_front() {
+            let slot = match queue.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        ahead.push_front((job, entry, room));
+                        release(ahead, done).await;
+                        return Ok(());
+                    }
+                    slot = queue.slots.clone().acquire_owned() => slot.map_err(|_| "slot semaphore closed".to_string())?,
+                },
+            };
+            executors.spawn(execute(job, entry, slot, room, queue.clone(), shared.clone(), done.clone()));
+        }
         backlog = n == want;
         if backlog {
             // There may be more: claim again as soon as slots are free.
@@ -133,6 +162,18 @@ async fn claim_loop(
             _ = sleep_until_opt(due) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
+    }
+}
+
+/// Gives jobs claimed ahead back at shutdown: they go to the completer as released (back to pending,
+/// the attempt not counted), without their handlers ever starting.
+async fn release(ahead: VecDeque<(Job, Entry, OwnedSemaphorePermit)>, done: &mpsc::Sender<Finished>) {
+    for (job, _entry, room) in ahead {
+        let finished =
+            Finished { attempt: Attempt::of(&job), outcome: Outcome::Released, started: std::time::Instant::now() };
+        // The completer outlives every producer; a failed send means the process is exiting.
+        let _ = done.send(finished).await;
+        drop(room);
     }
 }
 

@@ -471,10 +471,13 @@ pub fn api_state_with(url: &str, statement_timeout: Duration, max_long_polls: us
         max_long_polls,
         log: jobqueue::logging::discard(),
     });
-    // The remote finisher; the service runs it under its supervisor.
+    // The remote finisher and the insert flushers; the service runs them under its supervisor.
     tokio::spawn(writer);
+    let (enqueuer, flushers) = jobqueue::enqueue::Enqueuer::new(pool.clone(), jobqueue::logging::discard());
+    tokio::spawn(flushers);
     jobqueue::api::ApiState {
         pool,
+        enqueuer,
         waiters,
         health: Arc::new(jobqueue::worker::Health::running()),
         remote,

@@ -14,7 +14,8 @@ use crate::job::{Job, JobStatus, NewJob};
 /// holds, inserts nothing and returns that job with `created = false`.
 const JOB_INSERT: &str = "
 WITH ins AS (
-    INSERT INTO jobs (queue, payload, priority, run_at, max_attempts, unique_key)
+    -- Into the partition itself: ON CONFLICT needs the unique index, which only jobs_active has.
+    INSERT INTO jobs_active (queue, payload, priority, run_at, max_attempts, unique_key)
     VALUES ($1, $2, $3, coalesce($4, now()), $5, $6)
     ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
     DO NOTHING
@@ -54,6 +55,75 @@ pub async fn job_insert(client: &Client, job: &NewJob) -> Result<(Job, bool), Db
     Err(DbError::Contended("unique job insert kept racing with concurrent updates of the same key".into()))
 }
 
+/// Inserts the jobs of many independent requests in one statement and one commit (see
+/// [`crate::enqueue`]): each row as [`JOB_INSERT`] would, a `unique_key` held by a live job yielding
+/// that job instead. Rows go in sorted by queue and key, as in [`JOB_INSERT_BATCH`], so that
+/// concurrent statements take the unique index's locks in one order.
+const JOB_INSERT_MANY: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[])
+        WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, n)
+), ins AS (
+    INSERT INTO jobs_active (id, queue, payload, priority, run_at, max_attempts, unique_key)
+    SELECT id, q, p, pr, coalesce(ra, now()), ma, uk FROM input ORDER BY q, uk, n
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    DO NOTHING
+    RETURNING *
+)
+SELECT true AS created, ins.* FROM ins
+UNION ALL
+SELECT false, j.* FROM input i JOIN jobs_active j ON j.queue = i.q AND j.unique_key = i.uk
+WHERE i.uk IS NOT NULL AND j.status IN ('pending', 'processing') AND i.id NOT IN (SELECT id FROM ins)";
+
+/// Per job, in order: the job inserted (`true`) or the live job holding its key (`false`), or `None`
+/// when neither could be told from this statement's snapshot (a key taken by a concurrent transaction,
+/// or by an earlier job of the same call): insert those with [`job_insert`], which retries.
+pub async fn job_insert_many(client: &Client, jobs: &[&NewJob]) -> Result<Vec<Option<(Job, bool)>>, DbError> {
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
+    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
+    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let rows = client
+        .query_typed(
+            JOB_INSERT_MANY,
+            &[
+                (&ids, Type::UUID_ARRAY),
+                (&queues, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+                (&priorities, Type::INT4_ARRAY),
+                (&run_ats, Type::TIMESTAMPTZ_ARRAY),
+                (&max_attempts, Type::INT4_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+            ],
+        )
+        .await?;
+    let mut created = std::collections::HashMap::with_capacity(rows.len());
+    let mut holders = std::collections::HashMap::new();
+    for row in &rows {
+        let job = job_from_row(row)?;
+        if row.try_get("created")? {
+            created.insert(job.id, job);
+        } else if let Some(key) = job.unique_key.clone() {
+            holders.insert((job.queue.clone(), key), job);
+        }
+    }
+    Ok(ids
+        .iter()
+        .zip(jobs)
+        .map(|(id, new)| match created.remove(id) {
+            Some(job) => Some((job, true)),
+            None => new
+                .unique_key
+                .as_ref()
+                .and_then(|k| holders.get(&(new.queue.clone(), k.clone())))
+                .map(|job| (job.clone(), false)),
+        })
+        .collect())
+}
+
 /// Inserts many jobs in one statement: all or nothing, one notification per queue.
 ///
 /// Rows go in sorted by queue and unique key: two batches whose keys overlap in a different order
@@ -69,7 +139,7 @@ ORDER BY q, uk, n
 RETURNING *";
 
 pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
-    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::new_v4()).collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
     let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
     let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
     let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
@@ -96,29 +166,26 @@ pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job
 pub struct ListFilter {
     pub status: Option<JobStatus>,
     pub queue: Option<String>,
-    /// Keyset pagination: only jobs older than this one (by `created_at`, then `id`).
-    pub before: Option<(DateTime<Utc>, Uuid)>,
+    /// Keyset pagination: only jobs listed after this one (smaller ids: older, for time-ordered ids).
+    pub before: Option<Uuid>,
     pub limit: i64,
     pub offset: i64,
 }
 
-/// Newest first. With `before`, the index on (created_at DESC, id DESC) is entered at the cursor, so
-/// deep pages cost the same as the first.
+/// Newest first, by id: ids are time-ordered (UUIDv7), so each partition's primary key is read
+/// backwards, merged, and entered at the cursor with `before`; deep pages cost the same as the first.
+/// (Jobs from before the V4 migration have random ids and list by them among the rest.)
 const JOB_LIST: &str = "
 SELECT * FROM jobs
 WHERE ($1::text IS NULL OR status = $1)
   AND ($2::text IS NULL OR queue = $2)
-  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT $5 OFFSET $6";
+  AND ($3::uuid IS NULL OR id < $3)
+ORDER BY id DESC
+LIMIT $4 OFFSET $5";
 
 pub async fn job_list(client: &impl GenericClient, f: &ListFilter) -> Result<Vec<Job>, DbError> {
     let status = f.status.map(JobStatus::as_str);
-    let (before_at, before_id) = match f.before {
-        Some((at, id)) => (Some(at), Some(id)),
-        None => (None, None),
-    };
-    let rows = client.query(JOB_LIST, &[&status, &f.queue, &before_at, &before_id, &f.limit, &f.offset]).await?;
+    let rows = client.query(JOB_LIST, &[&status, &f.queue, &f.before, &f.limit, &f.offset]).await?;
     jobs_from_rows(&rows)
 }
 
@@ -135,6 +202,18 @@ pub enum Cancel {
 }
 
 pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
+    // Locking a row that a concurrent completion has just moved to jobs_finished is a serialization
+    // failure; the next try reads it there and answers that it is finished.
+    let mut tries = 0;
+    loop {
+        match job_cancel_once(client, id).await {
+            Err(e) if e.class() == crate::db::ErrorClass::Transient && tries < 3 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+async fn job_cancel_once(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
     let tx = client.transaction().await?;
     let Some(row) = tx.query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id]).await? else {
         return Ok(Cancel::NotFound);

@@ -33,14 +33,14 @@ use crate::job::{Job, JobStatus};
 /// claimed job costs, and in-process workers never present one.
 pub(crate) const JOB_CLAIM: &str = "
 WITH picked AS (
-    SELECT id FROM jobs
+    SELECT id FROM jobs_active
     WHERE queue = $1 AND status = 'pending' AND run_at <= now()
       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused)
     ORDER BY priority, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
-    UPDATE jobs j
+    UPDATE jobs_active j
     SET status = 'processing',
         attempts = j.attempts + 1,
         updated_at = now(),
@@ -54,12 +54,12 @@ WITH picked AS (
     SELECT extract(epoch FROM min(d.run_at) - now())::float8 AS next_due_in
     FROM (
         WITH RECURSIVE prio(p) AS (
-            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending')
+            SELECT (SELECT min(priority) FROM jobs_active WHERE queue = $1 AND status = 'pending')
             UNION ALL
-            SELECT (SELECT min(priority) FROM jobs WHERE queue = $1 AND status = 'pending' AND priority > prio.p)
+            SELECT (SELECT min(priority) FROM jobs_active WHERE queue = $1 AND status = 'pending' AND priority > prio.p)
             FROM prio WHERE prio.p IS NOT NULL
         )
-        SELECT (SELECT run_at FROM jobs
+        SELECT (SELECT run_at FROM jobs_active
                 WHERE queue = $1 AND status = 'pending' AND priority = prio.p AND run_at > now()
                 ORDER BY run_at LIMIT 1) AS run_at
         FROM prio WHERE prio.p IS NOT NULL
@@ -130,11 +130,12 @@ WITH locked AS MATERIALIZED (
     -- of them on overlapping rows cannot deadlock. Found through the primary key (= ANY), one probe
     -- per id: a join against the unnested batch let the planner scan every processing row instead,
     -- which cut completions from thousands to hundreds a second on a 100,000-job drain.
-    SELECT id FROM jobs
+    SELECT id FROM jobs_active
     WHERE id = ANY($1::uuid[]) AND locked_by = $7 AND status = 'processing'
     ORDER BY id
     FOR UPDATE
 )
+-- Through the parent: a job that ends moves from jobs_active to jobs_finished (see V4__storage.sql).
 UPDATE jobs j
 SET ",
     finish_set!(),
@@ -175,19 +176,33 @@ pub async fn job_finish_batch(
 ///
 /// Fenced on the attempt, not only the job: a job may finish and be claimed again by this same instance
 /// while a heartbeat is in flight, and the answer about the old attempt must not touch the new one.
-/// Rows are locked in id order, as the completer's finishing statement locks them.
+///
+/// The heartbeat never waits for a row lock (`SKIP LOCKED`). A row locked by someone else is most
+/// often one the completer is finishing this very moment: waiting for it would end in a serialization
+/// failure, because the completion moves the row to `jobs_finished` (a moved row cannot be locked), and
+/// under a steady drain the completer always holds some of this instance's rows. A skipped row is
+/// reported held, as read from the statement's snapshot, and not extended this time; the heartbeat runs
+/// three times per lease, so the next one extends it. Since it waits for nothing, it cannot deadlock
+/// with the statements that lock many jobs in id order.
 const JOB_HEARTBEAT: &str = "
 WITH locked AS MATERIALIZED (
-    SELECT id FROM jobs
+    SELECT id FROM jobs_active
     WHERE id = ANY($1::uuid[]) AND locked_by = $3 AND status = 'processing'
-    ORDER BY id
-    FOR UPDATE
+    FOR UPDATE SKIP LOCKED
+), extended AS (
+    UPDATE jobs_active j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
+    FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
+    WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
+      AND j.attempts = r.attempt AND j.locked_by = $3 AND j.status = 'processing'
+    RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL
 )
-UPDATE jobs j SET locked_until = now() + make_interval(secs => $4), updated_at = now()
+SELECT * FROM extended
+UNION ALL
+SELECT j.id, j.attempts, j.cancel_requested_at IS NOT NULL
 FROM unnest($1::uuid[], $2::int4[]) AS r(id, attempt)
-WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
-  AND j.attempts = r.attempt AND j.locked_by = $3 AND j.status = 'processing'
-RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL";
+JOIN jobs_active j ON j.id = r.id
+WHERE r.id NOT IN (SELECT id FROM locked)
+  AND j.attempts = r.attempt AND j.locked_by = $3 AND j.status = 'processing'";
 
 /// One held attempt as the heartbeat reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +221,16 @@ pub async fn job_heartbeat(
     let ids: Vec<Uuid> = attempts.iter().map(|a| a.0).collect();
     let numbers: Vec<i32> = attempts.iter().map(|a| a.1).collect();
     let (client, stmt) = conn.prepared(JOB_HEARTBEAT).await?;
-    let rows = client.query(&stmt, &[&ids, &numbers, &instance, &secs(lease)]).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&ids, &numbers, &instance, &secs(lease)];
+    // A row moved to jobs_finished between the statement's snapshot and its lock attempt is a
+    // serialization failure even under SKIP LOCKED; the next statement no longer sees it processing.
+    let mut tries = 0;
+    let rows = loop {
+        match client.query(&stmt, &params).await.map_err(DbError::from) {
+            Err(e) if e.class() == crate::db::ErrorClass::Transient && tries < 3 => tries += 1,
+            other => break other?,
+        }
+    };
     rows.iter()
         .map(|r| Ok(Held { id: r.try_get(0)?, attempt: r.try_get(1)?, cancel_requested: r.try_get(2)? }))
         .collect()

@@ -85,14 +85,55 @@ pub fn database_drop(name: &str) -> String {
     format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name))
 }
 
-/// Inserts `n` jobs with payload `{"n": i}` into `queue` in one statement (the benchmark's backlog).
-pub async fn job_insert_series(client: &impl GenericClient, queue: &str, n: i64) -> Result<u64, DbError> {
-    Ok(client
+/// Inserts `n` jobs with payload `{"n": i}` into `queue` in one statement (the benchmark's backlog), and
+/// returns the server's clock just after it committed.
+pub async fn job_insert_series(
+    client: &impl GenericClient,
+    queue: &str,
+    n: i64,
+) -> Result<chrono::DateTime<Utc>, DbError> {
+    client
         .execute(
             "INSERT INTO jobs (queue, payload) SELECT $1, jsonb_build_object('n', i) FROM generate_series(1, $2::bigint) AS i",
             &[&queue, &n],
         )
-        .await?)
+        .await?;
+    Ok(client.query_one("SELECT clock_timestamp()", &[]).await?.try_get(0)?)
+}
+
+/// From `since` to the last `finished_at` of `queue`: a drain's duration as the database recorded it.
+pub async fn bench_drain_time(
+    client: &impl GenericClient,
+    queue: &str,
+    since: chrono::DateTime<Utc>,
+) -> Result<Duration, DbError> {
+    let secs: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM max(finished_at) - $2)::float8 FROM jobs WHERE queue = $1 AND status = 'done'",
+            &[&queue, &since],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// Percentiles (p50, p99, in ms) of insert-to-finished, `created_at` to `finished_at`, of the jobs of
+/// `queue` created after `since`: the benchmark's latency, as the database recorded it.
+pub async fn bench_finish_latency(
+    client: &impl GenericClient,
+    queue: &str,
+    since: chrono::DateTime<Utc>,
+) -> Result<(f64, f64), DbError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 'NaN'),
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 'NaN')
+             FROM (SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 AS ms
+                   FROM jobs WHERE queue = $1 AND created_at > $2 AND status = 'done') t",
+            &[&queue, &since],
+        )
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
 /// Jobs not yet finished (pending or processing), in any queue.
