@@ -326,3 +326,40 @@ async fn queues_setting_configures_the_binary() {
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'email' AND max_attempts = 3").await, 1);
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'unserved' AND status = 'pending'").await, 1);
 }
+
+/// While a backlog is worked through, claims continue after where the last one ended (so they do
+/// not walk the dead index entries of every job claimed before); a more urgent job inserted
+/// meanwhile must still run next, not after the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i").await.unwrap();
+    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let handler = {
+        let order = order.clone();
+        move |ctx: JobContext| {
+            order.lock().unwrap().push(ctx.job.payload.clone());
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        }
+    };
+    let svc = common::start_with(db.config(2), handler).await;
+    common::eventually(Duration::from_secs(10), "the drain under way", || {
+        let n = order.lock().unwrap().len();
+        async move { (n >= 50).then_some(()) }
+    })
+    .await;
+    let before = order.lock().unwrap().len();
+    c.batch_execute("INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)").await.unwrap();
+    let at = common::eventually(Duration::from_secs(10), "the urgent job ran", || {
+        let pos = order.lock().unwrap().iter().position(|p| p == "urgent");
+        async move { pos }
+    })
+    .await;
+    // Behind it at most what was already claimed (2 running, 2 ahead) and a claim in flight.
+    assert!(at < before + 10, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
+    svc.stop().await.expect("stops cleanly");
+}

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::collections::VecDeque;
 
+use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::executor::{execute, Finished};
@@ -33,6 +34,10 @@ const MAX_CLAIM: usize = 1000;
 /// so that the next claim is a batch rather than a trickle of single-job claims. Only ever spent when
 /// the queue is known to have more runnable jobs than free slots.
 const FETCH_COOLDOWN: Duration = Duration::from_millis(2);
+
+/// How long the producer may keep claiming after a cursor before it looks at the head of the claim
+/// order again: bounds how long a job that sorts first could wait if its wake-up were lost.
+const CURSOR_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Margin added to a scheduled job's due time so that the database's `now()` has passed `run_at` when
 /// the claim runs.
@@ -64,6 +69,9 @@ async fn claim_loop(
     let mut backoff = Duration::from_millis(100);
     let mut backlog = false;
     let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
+    // Where the last full claim ended, while a backlog is worked through (see `JOB_CLAIM_AFTER`), and
+    // since when: the head of the claim order is looked at again at least every CURSOR_MAX_AGE.
+    let mut cursor: Option<(queries::ClaimCursor, Instant)> = None;
     loop {
         // Wait for a free slot.
         // Shutdown first: once it began, a free slot must not lead to another claim.
@@ -87,13 +95,21 @@ async fn claim_loop(
             drop(more);
         }
         let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
+        // A wake-up means something may sort before the cursor (an urgent insert, a retry, released
+        // jobs): claim from the head. Consuming the stored permit here is fine; this claim is the
+        // answer to it.
+        if queue.wake.notified().now_or_never().is_some() || cursor.is_some_and(|(_, at)| at.elapsed() > CURSOR_MAX_AGE)
+        {
+            cursor = None;
+        }
+        let after = if backlog { cursor.map(|(c, _)| c) } else { None };
 
         // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
         // permit when the producer is not waiting, and the next `notified()` returns at once.
         let (name, limit, instance) = (&queue.config.name, want as i64, &shared.instance_id);
         let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
         let claim = timeout(conn.deadline(), async {
-            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts).await
+            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts, after).await
         })
         .await;
         let claimed = match conn.settle(claim) {
@@ -114,6 +130,12 @@ async fn claim_loop(
         };
 
         let n = claimed.jobs.len();
+        if n == want {
+            let last = claimed.jobs.iter().map(|j| (j.priority, j.run_at, j.id)).max().expect("a full claim has jobs");
+            cursor = Some((last, cursor.map_or_else(Instant::now, |(_, at)| at)));
+        } else {
+            cursor = None;
+        }
         let mut first = Some(first);
         let now = chrono::Utc::now();
         // Every claimed job is held from here on: registered at once, so that heartbeats extend the
@@ -149,6 +171,12 @@ async fn claim_loop(
             executors.spawn(execute(job, entry, slot, room, queue.clone(), shared.clone(), done.clone()));
         }
         backlog = n == want;
+        if !backlog && after.is_some() {
+            // Nothing more after the cursor; what sorts before it (if anything) is for a claim from
+            // the head, at once rather than after the poll interval.
+            backlog = true;
+            continue;
+        }
         if backlog {
             // There may be more: claim again as soon as slots are free.
             continue;

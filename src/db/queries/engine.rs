@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
@@ -31,10 +32,15 @@ use crate::job::{Job, JobStatus};
 /// claim writes NULL, which no token matches. Generating the token costs about 3 µs per row (two
 /// `gen_random_uuid()`, measured with `EXPLAIN ANALYZE` over 100,000 rows), some 13% of the 23 µs a
 /// claimed job costs, and in-process workers never present one.
-pub(crate) const JOB_CLAIM: &str = "
+macro_rules! claim_sql {
+    ($after:literal) => {
+        concat!(
+            "
 WITH picked AS (
     SELECT id FROM jobs_active
-    WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+    WHERE queue = $1 AND status = 'pending' AND run_at <= now()",
+            $after,
+            "
       AND NOT EXISTS (SELECT 1 FROM queues WHERE name = $1 AND paused)
     ORDER BY priority, run_at, id
     LIMIT $2
@@ -66,13 +72,29 @@ WITH picked AS (
     ) d
     WHERE (SELECT count(*) FROM claimed) < $2
 )
-SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true";
+SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true"
+        )
+    };
+}
+
+pub(crate) const JOB_CLAIM: &str = claim_sql!("");
+
+/// [`JOB_CLAIM`] after a position of the claim order (`$7`, `$8`, `$9`: priority, run_at, id): the
+/// producer's next claim while it works through a backlog. Every claimed row leaves a dead entry at
+/// the head of `jobs_claim_idx` until vacuum removes it, and a claim from the head walks all of them:
+/// on a 300,000-job drain, SQL alone, 10,500 jobs/s from the head against 16,500 after the cursor.
+/// Jobs that sort before the cursor (a more urgent insert, a retry, a released job) announce
+/// themselves with a wake-up, and the producer then claims from the head again.
+const JOB_CLAIM_AFTER: &str = claim_sql!(" AND (priority, run_at, id) > ($7, $8, $9)");
 
 /// Jobs claimed, and when the queue's next scheduled job comes due if the claim came back short.
 pub struct Claimed {
     pub jobs: Vec<Job>,
     pub next_due_in: Option<Duration>,
 }
+
+/// A position in the claim order: priority, run_at, id.
+pub type ClaimCursor = (i32, DateTime<Utc>, Uuid);
 
 pub async fn job_claim(
     conn: &mut Conn,
@@ -81,9 +103,20 @@ pub async fn job_claim(
     instance: &str,
     lease: Duration,
     default_max_attempts: i32,
+    after: Option<ClaimCursor>,
 ) -> Result<Claimed, DbError> {
-    let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
-    let rows = client.query(&stmt, &[&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false]).await?;
+    let rows = match after {
+        None => {
+            let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
+            client.query(&stmt, &[&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false]).await?
+        }
+        Some((priority, run_at, id)) => {
+            let (client, stmt) = conn.prepared(JOB_CLAIM_AFTER).await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
+                [&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false, &priority, &run_at, &id];
+            client.query(&stmt, &params).await?
+        }
+    };
     let mut jobs = Vec::with_capacity(rows.len());
     let mut next_due_in = None;
     for row in &rows {
