@@ -91,8 +91,11 @@ pub fn attempt_finished(queue: &str, outcome: &'static str, handler_secs: f64) {
         .record(handler_secs);
 }
 
+/// One job claimed `wait_secs` after its `run_at`, by this instance's workers or a remote worker.
+/// Also kept for the dashboard's wait-time chart ([`crate::wait_series`]).
 pub fn job_claimed(queue: &str, wait_secs: f64) {
     histogram!("jobqueue_job_wait_seconds", "queue" => queue.to_string()).record(wait_secs.max(0.0));
+    crate::wait_series::global().record_at(queue, wait_secs, crate::wait_series::now_secs());
 }
 
 pub fn http_request(route: &'static str, status: u16, secs: f64) {
@@ -112,6 +115,7 @@ pub fn route_template(path: &str) -> &'static str {
         ["healthz"] => "/healthz",
         ["readyz"] => "/readyz",
         ["stats"] => "/stats",
+        ["stats", "history"] => "/stats/history",
         ["metrics"] => "/metrics",
         ["openapi.json"] => "/openapi.json",
         ["whoami"] => "/whoami",

@@ -168,13 +168,32 @@ async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
 }
 
 pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
-    let limit = match req.param("limit")? {
-        None => 10,
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let filter = list_filter(&*client, req, 10, false).await?;
+    let jobs = queries::job_list(&*client, &filter).await?;
+    Ok(reply(StatusCode::OK, &jobs))
+}
+
+/// The filters of `GET /jobs` from the query string (`limit` defaulting to `default_limit`), each
+/// checked with a message that names it; `before` is looked up to its (created_at, id) cursor. The
+/// dashboard's jobs list reads the same parameters through this, with `empty_is_absent` (its form
+/// sends `status=` for "any status"); the API keeps an empty value an error.
+pub(crate) async fn list_filter(
+    client: &impl tokio_postgres::GenericClient,
+    req: &Request,
+    default_limit: i64,
+    empty_is_absent: bool,
+) -> Result<queries::ListFilter, ApiError> {
+    let param = |name: &str| -> Result<Option<String>, ApiError> {
+        Ok(req.param(name)?.filter(|v| !(empty_is_absent && v.is_empty())))
+    };
+    let limit = match param("limit")? {
+        None => default_limit,
         Some(l) => l.parse::<i64>().ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or_else(|| {
             ApiError::bad_request(format!("limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"))
         })?,
     };
-    let offset = match req.param("offset")? {
+    let offset = match param("offset")? {
         None => 0,
         Some(o) => o
             .parse::<i64>()
@@ -182,7 +201,7 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
             .filter(|o| *o >= 0)
             .ok_or_else(|| ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more")))?,
     };
-    let status = match req.param("status")? {
+    let status = match param("status")? {
         None => None,
         Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
             ApiError::bad_request(format!(
@@ -190,21 +209,18 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
             ))
         })?),
     };
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let before = match req.param("before")? {
+    let before = match param("before")? {
         None => None,
         Some(b) => {
             let id = Uuid::parse_str(&b)
                 .map_err(|_| ApiError::bad_request(format!("before={b:?}: expected the id of a job")))?;
-            let job = queries::job_get(&*client, id)
+            let job = queries::job_get(client, id)
                 .await?
                 .ok_or_else(|| ApiError::bad_request(format!("before={b}: no such job (it may have been deleted)")))?;
             Some((job.created_at, job.id))
         }
     };
-    let filter = queries::ListFilter { status, queue: req.param("queue")?, before, limit, offset };
-    let jobs = queries::job_list(&*client, &filter).await?;
-    Ok(reply(StatusCode::OK, &jobs))
+    Ok(queries::ListFilter { status, queue: param("queue")?, before, limit, offset })
 }
 
 pub(super) async fn cancel(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {
