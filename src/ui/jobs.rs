@@ -197,46 +197,43 @@ fn facts(j: &Job) -> String {
 /// (the error history) and when the job was created and finished, but not when an attempt started;
 /// a running attempt shows its holder and lease instead.
 fn timeline(j: &Job) -> String {
-    let mut events: Vec<(chrono::DateTime<Utc>, String)> =
-        vec![(j.created_at, format!("created in queue {}", esc(&j.queue)))];
+    // (when, shown as, what): a running attempt is shown as "now", after everything recorded.
+    let mut events: Vec<(chrono::DateTime<Utc>, String, String)> =
+        vec![(j.created_at, html::time(j.created_at), format!("created in queue {}", esc(&j.queue)))];
     for e in j.errors.as_array().into_iter().flatten() {
         let at = e.get("at").and_then(Value::as_str).and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
         let attempt = e.get("attempt").map(|a| a.to_string()).unwrap_or_else(|| "?".into());
         let error = e.get("error").and_then(Value::as_str).unwrap_or("");
-        if let Some(at) = at {
-            events.push((
-                at.with_timezone(&Utc),
-                format!(r#"attempt {attempt} failed: <span class="err">{}</span>"#, esc(error)),
-            ));
+        if let Some(at) = at.map(|at| at.with_timezone(&Utc)) {
+            let what = format!(r#"attempt {attempt} failed: <span class="err">{}</span>"#, esc(error));
+            events.push((at, html::time(at), what));
         }
     }
     if let Some(at) = j.cancel_requested_at {
-        events.push((at, "cancellation requested".to_string()));
+        events.push((at, html::time(at), "cancellation requested".to_string()));
     }
     match j.status {
         JobStatus::Processing => {
             let until = j.locked_until.map(html::time).unwrap_or_default();
-            events.push((
-                Utc::now(),
-                format!(
-                    "attempt {} running on <code>{}</code>, lease until {until}",
-                    j.attempts,
-                    esc(j.locked_by.as_deref().unwrap_or("?"))
-                ),
-            ));
+            let holder = esc(j.locked_by.as_deref().unwrap_or("?"));
+            let what = format!("attempt {} running on <code>{holder}</code>, lease until {until}", j.attempts);
+            events.push((Utc::now(), r#"<span class="muted">now</span>"#.to_string(), what));
         }
-        JobStatus::Pending if j.run_at > Utc::now() => events.push((j.run_at, "due (waiting until then)".to_string())),
-        JobStatus::Pending => events.push((j.run_at, "due: waiting for a worker".to_string())),
+        JobStatus::Pending if j.run_at > Utc::now() => {
+            events.push((j.run_at, html::time(j.run_at), "due (waiting until then)".to_string()))
+        }
+        JobStatus::Pending => events.push((j.run_at, html::time(j.run_at), "due: waiting for a worker".to_string())),
         status => {
             if let Some(at) = j.finished_at {
-                events.push((at, format!("{} after {} attempt(s)", html::status_badge(status), j.attempts)));
+                let what = format!("{} after {} attempt(s)", html::status_badge(status), j.attempts);
+                events.push((at, html::time(at), what));
             }
         }
     }
-    events.sort_by_key(|(at, _)| *at);
+    events.sort_by_key(|(at, _, _)| *at);
     let mut out = String::from(r#"<ol class="timeline">"#);
-    for (at, what) in events {
-        let _ = write!(out, "<li>{} {what}</li>", html::time(at));
+    for (_, when, what) in events {
+        let _ = write!(out, "<li>{when} {what}</li>");
     }
     out.push_str("</ol>");
     out

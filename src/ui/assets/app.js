@@ -179,17 +179,24 @@
   const SVG = "http://www.w3.org/2000/svg";
   const W = 300, H = 56;
 
+  // One path per series; a gap (null: nothing claimed in that bucket) lifts the pen, and a point
+  // alone between gaps gets a short tick so that it shows.
   function line(svg, values, max, cls) {
     const n = values.length;
     let d = "";
-    let pen = false;
+    let run = 0;
     values.forEach((v, i) => {
-      if (v === null || v === undefined) { pen = false; return; }
+      if (v === null || v === undefined) {
+        if (run === 1) d += "h3 ";
+        run = 0;
+        return;
+      }
       const x = (i / Math.max(n - 1, 1)) * W;
       const y = H - 2 - (max > 0 ? (v / max) * (H - 6) : 0);
-      d += `${pen ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)} `;
-      pen = true;
+      d += `${run ? "L" : "M"}${x.toFixed(1)},${y.toFixed(1)} `;
+      run++;
     });
+    if (run === 1) d += "h-3 ";
     if (!d) return;
     const path = document.createElementNS(SVG, "path");
     path.setAttribute("d", d.trim());
@@ -197,9 +204,10 @@
     svg.appendChild(path);
   }
 
-  function chart(title, series, format) {
+  function chart(kind, title, series, format) {
     const wrap = document.createElement("div");
     wrap.className = "chart";
+    wrap.dataset.kind = kind;
     const all = series.flatMap((s) => s.values).filter((v) => v !== null && v !== undefined);
     const max = all.length ? Math.max(...all) : 0;
     const label = document.createElement("div");
@@ -254,11 +262,11 @@
       const perSec = (xs) => xs.map((n) => n / h.bucket_secs);
       card.append(
         title,
-        chart("finished per second", [
+        chart("finished", "finished per second", [
           { name: "all", key: "key1", cls: "s1", values: perSec(q.finished) },
           { name: "failed", key: "error", cls: "bad", values: perSec(q.failed) },
         ], (v) => `${v.toFixed(1)}/s`),
-        chart("wait", [
+        chart("wait", "wait", [
           { name: "p50", key: "key1", cls: "s1", values: q.wait_p50_secs },
           { name: "p95", key: "key2", cls: "s2", values: q.wait_p95_secs },
         ], seconds),
