@@ -30,12 +30,14 @@ for _ in $(seq 300); do
     kill -0 "$SERVER" 2>/dev/null || { cat "$LOG"; exit 1; }
     sleep 0.1
 done
+# The stateful phase follows the spec's links: a job created by POST /jobs is read, cancelled and
+# retried by its id, so those operations are fuzzed on jobs that exist, not only on unknown ids.
 # ?wait= is bounded to 1s so that generated durations cannot hold a case for minutes.
 timeout 180 "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/openapi.json" \
     --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
     --max-examples "${SCHEMATHESIS_EXAMPLES:-100}" \
     --request-timeout 10 \
     --exclude-path-regex '^/metrics$' \
-    --phases examples,coverage,fuzzing \
+    --phases examples,coverage,fuzzing,stateful \
     --seed 1 \
     --no-color

@@ -6,6 +6,18 @@ cd "$(dirname "$0")/.."
 source scripts/pg.sh
 ensure_postgres
 
+# The dashboard's browser test (tests/ui_browser.rs) drives Debian's Chromium through chromedriver.
+# Installed when missing; if that fails, the test skips itself with a loud message.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "== installing chromium and chromium-driver (for the dashboard's browser test)"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then sudo="sudo -n"; fi
+    if ! { command -v apt-get >/dev/null \
+        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+        echo "!!!!!!!! chromium and chromium-driver could not be installed: the browser test will be SKIPPED !!!!!!!!"
+    fi
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

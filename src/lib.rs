@@ -37,6 +37,8 @@ pub mod metrics;
 pub mod remote;
 pub mod service;
 pub mod supervisor;
+pub mod ui;
+pub mod wait_series;
 pub mod waiters;
 pub mod worker;
 

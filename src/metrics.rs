@@ -65,6 +65,7 @@ fn describe() {
     describe_counter!("jobqueue_job_attempts_total", "Attempts whose outcome was recorded, by outcome");
     describe_counter!("jobqueue_http_requests_total", "HTTP requests by route template and status");
     describe_counter!("jobqueue_listener_reconnects_total", "Reconnections of the LISTEN connection");
+    describe_counter!("jobqueue_log_records_dropped_total", "Log records dropped because the log channel was full");
     describe_histogram!("jobqueue_job_duration_seconds", Unit::Seconds, "Handler time of one attempt");
     describe_histogram!("jobqueue_job_wait_seconds", Unit::Seconds, "Time from run_at to claim");
     describe_histogram!("jobqueue_http_request_duration_seconds", Unit::Seconds, "HTTP request latency");
@@ -90,8 +91,11 @@ pub fn attempt_finished(queue: &str, outcome: &'static str, handler_secs: f64) {
         .record(handler_secs);
 }
 
+/// One job claimed `wait_secs` after its `run_at`, by this instance's workers or a remote worker.
+/// Also kept for the dashboard's wait-time chart ([`crate::wait_series`]).
 pub fn job_claimed(queue: &str, wait_secs: f64) {
     histogram!("jobqueue_job_wait_seconds", "queue" => queue.to_string()).record(wait_secs.max(0.0));
+    crate::wait_series::global().record_at(queue, wait_secs, crate::wait_series::now_secs());
 }
 
 pub fn http_request(route: &'static str, status: u16, secs: f64) {
@@ -111,6 +115,7 @@ pub fn route_template(path: &str) -> &'static str {
         ["healthz"] => "/healthz",
         ["readyz"] => "/readyz",
         ["stats"] => "/stats",
+        ["stats", "history"] => "/stats/history",
         ["metrics"] => "/metrics",
         ["openapi.json"] => "/openapi.json",
         ["whoami"] => "/whoami",
@@ -150,6 +155,8 @@ impl Sampler {
             gauge!("jobqueue_worker_slots", "queue" => queue.clone(), "state" => "busy")
                 .set((concurrency - free) as f64);
         }
+        // Counted by the log drain in memory (it may drop records before the recorder exists).
+        counter!("jobqueue_log_records_dropped_total").absolute(crate::logging::records_dropped());
         let state = self.pool.state();
         gauge!("jobqueue_db_pool_connections", "state" => "idle").set(state.idle_connections as f64);
         gauge!("jobqueue_db_pool_connections", "state" => "busy")

@@ -125,9 +125,19 @@ impl Builder {
         let shutdown = CancellationToken::new();
 
         let mut served = Vec::new();
+        let mut served_settings = Vec::new();
         for q in &config.queues {
             match handlers.remove(&q.name) {
-                Some(h) => served.push((q.clone(), h)),
+                Some(h) => {
+                    served_settings.push(crate::ui::QueueSettings {
+                        name: q.name.clone(),
+                        concurrency: q.concurrency,
+                        retry: q.retry.clone(),
+                        timeout: q.timeout.unwrap_or(config.job_timeout),
+                        handler: config.handler(&q.name).kind(),
+                    });
+                    served.push((q.clone(), h))
+                }
                 None => {
                     warn!(log, "queue has no handler on this instance; not served"; "queue" => &q.name)
                 }
@@ -219,6 +229,7 @@ impl Builder {
                 shutdown: shutdown.clone(),
                 log: log.new(slog::o!("component" => "api")),
                 metrics: Some(sampler.clone()),
+                instance: crate::ui::InstanceInfo { id: config.instance_id.clone(), queues: served_settings.clone() },
             });
             let serve = api::server::serve(
                 listener,

@@ -83,6 +83,8 @@ async fn a_scrape_shows_what_happened() {
     assert_eq!(v("jobqueue_worker_slots", &[("queue", "default"), ("state", "free")]), Some(4.0));
     assert_eq!(v("jobqueue_worker_slots", &[("queue", "default"), ("state", "busy")]), Some(0.0));
     assert!(v("jobqueue_db_pool_connections", &[("state", "idle")]).is_some());
+    // Exported from the first scrape on; this test's logger drops nothing.
+    assert_eq!(v("jobqueue_log_records_dropped_total", &[]), Some(0.0));
     // No job id in any label.
     for s in &scrape.samples {
         for id in &ids {

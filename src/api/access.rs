@@ -1,8 +1,14 @@
-//! Who may call what: the scope each route needs, the bearer-token check, CORS, and the rule that
-//! state-changing requests are JSON.
+//! Who may call what: the scope each route needs, the bearer-token check (or the dashboard's session
+//! cookie), CORS, and the rule that state-changing requests are JSON.
 //!
 //! One table ([`need`]) says what every route requires; a route it does not list requires `admin`, so
 //! a route added without thought is closed, not open.
+//!
+//! The dashboard's session cookie carries the same token as the header would. A browser attaches a
+//! cookie by itself, so a request authenticated by the cookie alone that changes something must prove
+//! it comes from the dashboard's own pages: its `Origin` must be this host (or the browser says
+//! `Sec-Fetch-Site: same-origin`). Together with `SameSite=Strict` (the browser does not send the
+//! cookie from other sites at all) and the JSON-only rule, another site cannot forge such a request.
 
 use warp::http::{header, HeaderMap, HeaderValue, Method};
 use warp::reply::Response;
@@ -27,9 +33,14 @@ pub fn need(method: &Method, segments: &[&str]) -> Need {
         ["healthz"] | ["readyz"] => Need::Public,
         _ if m == Method::OPTIONS => Need::Public,
         ["whoami"] => Need::Authenticated,
-        ["stats"] | ["jobs"] | ["jobs", _] | ["queues"] | ["metrics"] | ["openapi.json"] if m == Method::GET => {
+        // The dashboard's static files, and signing in and out (which check the token themselves).
+        ["ui", "assets", ..] | ["ui", "session"] => Need::Public,
+        ["stats"] | ["stats", "history"] | ["jobs"] | ["jobs", _] | ["queues"] | ["metrics"] | ["openapi.json"]
+            if m == Method::GET =>
+        {
             Need::Scope(Scope::Read)
         }
+        ["ui", ..] if m == Method::GET => Need::Scope(Scope::Read),
         ["jobs"] | ["jobs", "batch"] | ["jobs", _, "cancel" | "retry"] if m == Method::POST => {
             Need::Scope(Scope::Write)
         }
@@ -42,17 +53,31 @@ pub fn need(method: &Method, segments: &[&str]) -> Need {
     }
 }
 
-/// Checks the request's token against what the route needs. With no token configured, everything is
-/// allowed. Returns the token's scopes (all of them when the API is open).
-pub fn authorize(auth: &Auth, headers: &HeaderMap, needed: Need) -> Result<Vec<Scope>, ApiError> {
+/// The dashboard's session cookie: the API token, percent-encoded.
+pub const SESSION_COOKIE: &str = "jobqueue_session";
+
+/// Checks the request's token (the `Authorization` header, else the session cookie) against what the
+/// route needs. With no token configured, everything is allowed. Returns the token's scopes (all of
+/// them when the API is open).
+pub fn authorize(auth: &Auth, method: &Method, headers: &HeaderMap, needed: Need) -> Result<Vec<Scope>, ApiError> {
     if auth.is_open() {
         return Ok(Scope::ALL.to_vec());
     }
     if needed == Need::Public {
         return Ok(Vec::new());
     }
-    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let scopes = auth.check(header).map_err(|denied| match denied {
+    let mut header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if header.is_none() {
+        if let Some(token) = session_token(headers) {
+            if !is_safe(method) && !same_origin(headers) {
+                return Err(ApiError::forbidden(
+                    "a request authenticated by the session cookie must come from this host's own pages",
+                ));
+            }
+            header = Some(format!("Bearer {token}"));
+        }
+    }
+    let scopes = auth.check(header.as_deref()).map_err(|denied| match denied {
         Denied::Missing => ApiError::unauthorized("this endpoint needs Authorization: Bearer <token>"),
         Denied::Invalid => ApiError::unauthorized("the token is not valid"),
     })?;
@@ -62,6 +87,88 @@ pub fn authorize(auth: &Auth, headers: &HeaderMap, needed: Need) -> Result<Vec<S
         }
         _ => Ok(scopes),
     }
+}
+
+fn is_safe(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS
+}
+
+/// The token in the session cookie, if the request has one.
+pub fn session_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .and_then(|(_, value)| percent_decode(value))
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether the browser says the request comes from a page of this same origin: `Sec-Fetch-Site:
+/// same-origin`, or an `Origin` whose host and port are the `Host` the request was sent to. Browsers
+/// send `Origin` with every POST; a request with neither is not trusted.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if get("sec-fetch-site") == Some("same-origin") {
+        return true;
+    }
+    match (get("origin"), get("host")) {
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+            !origin_host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+        }
+        _ => false,
+    }
+}
+
+/// A `Set-Cookie` value holding `token` for the dashboard: not readable by scripts (`HttpOnly`), not
+/// sent by the browser on requests from other sites (`SameSite=Strict`), for the whole API (`Path=/`),
+/// ending with the browser session; `Secure` when a proxy says the client used HTTPS.
+pub fn session_cookie(token: &str, headers: &HeaderMap) -> String {
+    let secure = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()) == Some("https");
+    format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict{}",
+        percent_encode(token),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn session_cookie_cleared() -> String {
+    format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+/// Tokens may hold characters a cookie value cannot (`;`, `"`, `\`, non-ASCII): everything but
+/// unreserved characters is percent-encoded.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let raw = s.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// State-changing requests must be JSON (or carry no content type): a web page can make a browser
@@ -129,5 +236,47 @@ mod tests {
         assert_eq!(need(&post, &["queues", "q", "pause"]), Need::Scope(Scope::Admin));
         assert_eq!(need(&Method::DELETE, &["jobs", "x"]), Need::Scope(Scope::Admin));
         assert_eq!(need(&get, &["something", "new"]), Need::Scope(Scope::Admin));
+        assert_eq!(need(&get, &["stats", "history"]), Need::Scope(Scope::Read));
+        assert_eq!(need(&get, &["ui", "jobs", "x"]), Need::Scope(Scope::Read));
+        assert_eq!(need(&get, &["ui", "assets", "app.js"]), Need::Public);
+        assert_eq!(need(&post, &["ui", "session"]), Need::Public);
+        assert_eq!(need(&post, &["ui", "jobs"]), Need::Scope(Scope::Admin));
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(warp::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_session_cookie_authenticates_reads_and_same_origin_writes_only() {
+        let token = "wwwwwwwwwwwwwwww;\"é";
+        let auth = Auth::new(vec![(Scope::Write, crate::auth::TokenHash::of(token))]);
+        let cookie = session_cookie(token, &HeaderMap::new());
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && !cookie.contains("Secure"));
+        let value = cookie.split(';').next().unwrap().to_string();
+        let read = need(&Method::GET, &["jobs"]);
+        let write = need(&Method::POST, &["jobs", "x", "cancel"]);
+        let with_cookie = headers(&[("cookie", &format!("other=1; {value}")), ("host", "q.example:8080")]);
+        assert_eq!(authorize(&auth, &Method::GET, &with_cookie, read).unwrap(), vec![Scope::Write]);
+        // A POST with the cookie alone, from nowhere or from another site, is refused.
+        let e = authorize(&auth, &Method::POST, &with_cookie, write).unwrap_err();
+        assert_eq!(e.status, 403);
+        let mut cross = with_cookie.clone();
+        cross.insert("origin", HeaderValue::from_static("https://evil.example"));
+        assert_eq!(authorize(&auth, &Method::POST, &cross, write).unwrap_err().status, 403);
+        let mut same = with_cookie.clone();
+        same.insert("origin", HeaderValue::from_static("http://q.example:8080"));
+        assert!(authorize(&auth, &Method::POST, &same, write).is_ok());
+        let fetch = headers(&[("cookie", &value), ("sec-fetch-site", "same-origin")]);
+        assert!(authorize(&auth, &Method::POST, &fetch, write).is_ok());
+        // A wrong token in the cookie is a 401 like a wrong header.
+        let bad = headers(&[("cookie", "jobqueue_session=nope-nope-nope-nope")]);
+        assert_eq!(authorize(&auth, &Method::GET, &bad, read).unwrap_err().status, 401);
+        let secure = session_cookie(token, &headers(&[("x-forwarded-proto", "https")]));
+        assert!(secure.ends_with("; Secure"));
     }
 }

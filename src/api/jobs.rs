@@ -167,13 +167,31 @@ async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
 }
 
 pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, ApiError> {
-    let limit = match req.param("limit")? {
-        None => 10,
+    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let filter = list_filter(req, 10, false)?;
+    let jobs = queries::job_list(&*client, &filter).await?;
+    Ok(reply(StatusCode::OK, &jobs))
+}
+
+/// The filters of `GET /jobs` from the query string (`limit` defaulting to `default_limit`), each
+/// checked with a message that names it; `before` is a job id (ids order the list). The
+/// dashboard's jobs list reads the same parameters through this, with `empty_is_absent` (its form
+/// sends `status=` for "any status"); the API keeps an empty value an error.
+pub(crate) fn list_filter(
+    req: &Request,
+    default_limit: i64,
+    empty_is_absent: bool,
+) -> Result<queries::ListFilter, ApiError> {
+    let param = |name: &str| -> Result<Option<String>, ApiError> {
+        Ok(req.param(name)?.filter(|v| !(empty_is_absent && v.is_empty())))
+    };
+    let limit = match param("limit")? {
+        None => default_limit,
         Some(l) => l.parse::<i64>().ok().filter(|l| (1..=MAX_LIMIT).contains(l)).ok_or_else(|| {
             ApiError::bad_request(format!("limit={l:?}: expected a whole number from 1 to {MAX_LIMIT}"))
         })?,
     };
-    let offset = match req.param("offset")? {
+    let offset = match param("offset")? {
         None => 0,
         Some(o) => o
             .parse::<i64>()
@@ -181,7 +199,7 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
             .filter(|o| *o >= 0)
             .ok_or_else(|| ApiError::bad_request(format!("offset={o:?}: expected a whole number, 0 or more")))?,
     };
-    let status = match req.param("status")? {
+    let status = match param("status")? {
         None => None,
         Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
             ApiError::bad_request(format!(
@@ -189,8 +207,7 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
             ))
         })?),
     };
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let before = match req.param("before")? {
+    let before = match param("before")? {
         None => None,
         Some(b) => {
             // Ids order the list, so the job itself need not exist any more (retention may have
@@ -201,9 +218,7 @@ pub(super) async fn list(state: &ApiState, req: &Request) -> Result<Response, Ap
             )
         }
     };
-    let filter = queries::ListFilter { status, queue: req.param("queue")?, before, limit, offset };
-    let jobs = queries::job_list(&*client, &filter).await?;
-    Ok(reply(StatusCode::OK, &jobs))
+    Ok(queries::ListFilter { status, queue: param("queue")?, before, limit, offset })
 }
 
 pub(super) async fn cancel(state: &ApiState, id: Uuid) -> Result<Response, ApiError> {

@@ -7,14 +7,15 @@
 //! (see [`error`]). The API inserts and reads jobs; it claims them only on behalf of remote workers
 //! (`remote`, the lease protocol), never for this instance's own engine.
 
-mod access;
+pub(crate) mod access;
 pub mod error;
 mod framing;
-mod jobs;
+pub(crate) mod jobs;
 pub mod openapi;
 mod queues;
 mod remote;
 pub mod server;
+mod stats;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,6 +68,8 @@ pub struct ApiState {
     pub log: Logger,
     /// In-memory gauges sampled by `/metrics` (worker slots, pool); None serves the recorder alone.
     pub metrics: Option<Arc<crate::metrics::Sampler>>,
+    /// What the dashboard and `/stats/history` say about this instance.
+    pub instance: crate::ui::InstanceInfo,
 }
 
 /// The whole API as one warp filter. Its only possible rejection is warp's own (a body taken twice),
@@ -118,17 +121,17 @@ pub fn routes(
         })
 }
 
-struct Request {
-    method: Method,
-    path: String,
+pub(crate) struct Request {
+    pub(crate) method: Method,
+    pub(crate) path: String,
     /// The query string's pairs, parsed once; an error is reported only to a route that reads it.
     query: Result<Vec<(String, String)>, String>,
-    headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
 }
 
 impl Request {
     /// The last value given for `name`.
-    fn param(&self, name: &str) -> Result<Option<String>, ApiError> {
+    pub(crate) fn param(&self, name: &str) -> Result<Option<String>, ApiError> {
         let pairs = self.query.as_ref().map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
         Ok(pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
     }
@@ -147,7 +150,11 @@ where
             return Ok(access::preflight(origin));
         }
     }
-    let scopes = access::authorize(&state.auth, &req.headers, access::need(m, &segments))?;
+    // The dashboard answers its pages in HTML, errors included; it authorizes through the same table.
+    if segments.first() == Some(&"ui") {
+        return crate::ui::route(state, req, &segments, body).await;
+    }
+    let scopes = access::authorize(&state.auth, m, &req.headers, access::need(m, &segments))?;
     access::check_content_type(m, &req.headers)?;
     match segments.as_slice() {
         ["whoami"] if m == Method::GET => {
@@ -159,8 +166,10 @@ where
         ["healthz"] => Err(ApiError::method_not_allowed("GET")),
         ["readyz"] if m == Method::GET => ready(state).await,
         ["readyz"] => Err(ApiError::method_not_allowed("GET")),
-        ["stats"] if m == Method::GET => within(state, stats(state)).await,
+        ["stats"] if m == Method::GET => within(state, stats::stats(state)).await,
         ["stats"] => Err(ApiError::method_not_allowed("GET")),
+        ["stats", "history"] if m == Method::GET => within(state, stats::history(state)).await,
+        ["stats", "history"] => Err(ApiError::method_not_allowed("GET")),
         ["metrics"] if m == Method::GET => metrics(state),
         ["metrics"] => Err(ApiError::method_not_allowed("GET")),
         ["openapi.json"] if m == Method::GET => Ok(openapi::document()),
@@ -205,7 +214,7 @@ where
 
 /// Runs a handler's database work under the request deadline: a database that does not answer (a lock
 /// held by someone else, an overloaded server) gets the client a 503, not a hang.
-async fn within<T>(
+pub(crate) async fn within<T>(
     state: &ApiState,
     work: impl std::future::Future<Output = Result<T, ApiError>>,
 ) -> Result<T, ApiError> {
@@ -227,17 +236,17 @@ fn healthz(state: &ApiState) -> Result<Response, ApiError> {
     }
 }
 
-fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response {
+pub(crate) fn reply(status: StatusCode, body: &impl serde::Serialize) -> Response {
     warp::reply::with_status(warp::reply::json(body), status).into_response()
 }
 
-fn parse_id(s: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(s: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("invalid job id {s:?}: expected a UUID")))
 }
 
 /// Reads a JSON body: content type checked, size bounded (by Content-Length up front and by counting
 /// while reading, for chunked bodies), syntax checked.
-async fn read_json_body<S, B>(state: &ApiState, req: &Request, body: S) -> Result<Bytes, ApiError>
+pub(crate) async fn read_json_body<S, B>(state: &ApiState, req: &Request, body: S) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
@@ -308,7 +317,7 @@ const DISCARD_MIN: usize = 16 << 20;
 const DISCARD_TIME: Duration = Duration::from_secs(5);
 
 /// Deserializes with the path of the offending field in the message, e.g. `priority: invalid type`.
-fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
+pub(crate) fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = match (prefix.is_empty(), path.as_str()) {
@@ -321,14 +330,8 @@ fn decode<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError
     })
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))
-}
-
-async fn stats(state: &ApiState) -> Result<Response, ApiError> {
-    let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
-    let queues = queries::stats(&*client).await?;
-    Ok(reply(StatusCode::OK, &json!({ "queues": queues })))
 }
 
 async fn ready(state: &ApiState) -> Result<Response, ApiError> {

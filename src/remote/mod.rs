@@ -180,6 +180,10 @@ impl Remote {
                 // There may be more: pass the wake-up on to the queue's next waiter.
                 self.wakes.wake(&c.queue);
             }
+            let claimed_at = chrono::Utc::now();
+            for l in &claimed.jobs {
+                crate::metrics::job_claimed(&l.job.queue, (claimed_at - l.job.run_at).as_seconds_f64());
+            }
             let now = Instant::now();
             if !claimed.jobs.is_empty() || now >= deadline {
                 return Ok(claimed.jobs);

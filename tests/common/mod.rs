@@ -239,10 +239,22 @@ impl HttpResponse {
 }
 
 pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+    http_with(addr, method, path, body, &[]).await
+}
+
+/// [`http`] with extra request headers (`Authorization`, say).
+pub async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to API");
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).await.unwrap();
@@ -489,5 +501,6 @@ pub fn api_state_with(url: &str, statement_timeout: Duration, max_long_polls: us
         shutdown: tokio_util::sync::CancellationToken::new(),
         log: jobqueue::logging::discard(),
         metrics: None,
+        instance: Default::default(),
     }
 }

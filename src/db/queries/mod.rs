@@ -1,6 +1,7 @@
 //! Every SQL statement the service runs, named noun-first (`job_insert`, `job_claim`, ...), by
 //! concern: [`api`] (insert, read, list, cancel, retry, stats), [`engine`] (the hot path: claim,
-//! finish, heartbeat), [`maintenance`] (rescue, retention); here, what they share (row decoding,
+//! finish, heartbeat), [`maintenance`] (rescue, retention), [`ui`] (the dashboard's history and
+//! search); here, what they share (row decoding,
 //! the SQL of an attempt's end), the channels, migrations and the benchmark's statements.
 //!
 //! Statements on the engine's hot path take a [`Conn`] and are prepared once per connection; the rest
@@ -14,10 +15,12 @@ use tokio_postgres::{Client, GenericClient, Row};
 mod api;
 mod engine;
 mod maintenance;
+mod ui;
 
 pub use api::*;
 pub use engine::*;
 pub use maintenance::*;
+pub use ui::*;
 
 use super::DbError;
 use crate::job::{Job, JobStatus};
