@@ -23,13 +23,19 @@
 -- A UUIDv7 (RFC 9562): 48 bits of Unix time in milliseconds, the version, 12 bits of sub-millisecond
 -- time (the RFC's "increased clock precision" method, so ids one session makes are ordered to the
 -- microsecond), then the variant and random bits, both taken from gen_random_uuid().
+-- PL/pgSQL rather than SQL: it reads the clock once into a variable, and costs about 2.5 µs a row
+-- against 5 µs for the same expression as a SQL function with a subquery (100,000 calls; the insert
+-- of a row costs about 10 µs). gen_random_uuid() alone is 1.2 µs.
 CREATE FUNCTION jobqueue_uuidv7() RETURNS uuid
-LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
-    SELECT encode(
-        int8send(((t.us / 1000) << 16) | 28672 | ((t.us % 1000) * 4096 / 1000))
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
+DECLARE
+    us bigint := floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+BEGIN
+    RETURN encode(
+        int8send(((us / 1000) << 16) | 28672 | ((us % 1000) * 4096 / 1000))
             || substring(uuid_send(gen_random_uuid()) FROM 9),
-        'hex')::uuid
-    FROM (SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) t
+        'hex')::uuid;
+END
 $$;
 
 COMMENT ON FUNCTION jobqueue_uuidv7() IS
