@@ -51,7 +51,8 @@ async fn drop_schema(c: &tokio_postgres::Client) {
     c.batch_execute(
         "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
          DROP TABLE instances;
-         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;",
+         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;
+         DROP FUNCTION jobqueue_cancel, jobqueue_retry, jobqueue_pause, jobqueue_resume;",
     )
     .await
     .unwrap();
