@@ -52,7 +52,10 @@ async fn drop_schema(c: &tokio_postgres::Client) {
         "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
          DROP TABLE instances;
          DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted;
-         DROP FUNCTION jobqueue_cancel, jobqueue_retry, jobqueue_pause, jobqueue_resume;",
+         DROP FUNCTION jobqueue_cancel, jobqueue_retry, jobqueue_pause, jobqueue_resume;
+         DROP FUNCTION jobqueue_schedule, jobqueue_schedule_run;
+         DROP TABLE schedule_runs; DROP TABLE schedules;
+         DROP FUNCTION schedules_before_update, schedules_notify;",
     )
     .await
     .unwrap();
