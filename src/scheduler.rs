@@ -84,12 +84,9 @@ impl Scheduler {
         let (unplanned, now) = sql::schedules_unplanned(&tx, BATCH).await?;
         let advances: Vec<Advance> = unplanned
             .iter()
-            .map(|s| match Timetable::parse(&s.cron, &s.timezone) {
-                Ok(t) => Advance { name: s.name.clone(), next_run_at: t.next_after(now), invalid: None, last: None },
-                Err(e) => {
-                    warn!(log, "schedule cannot run"; "schedule" => &s.name, "err" => %e);
-                    Advance { name: s.name.clone(), next_run_at: None, invalid: Some(e.to_string()), last: None }
-                }
+            .map(|s| {
+                let next = Timetable::parse(&s.cron, &s.timezone).map(|t| t.next_after(now));
+                advance(log, &s.name, next, None)
             })
             .collect();
         sql::schedule_advance(&tx, &advances).await?;
@@ -149,4 +146,24 @@ impl Scheduler {
         }
         Ok(due.len())
     }
+}
+
+/// The new timing of a schedule. A schedule without a next tick gets `invalid` set, never a bare NULL
+/// `next_run_at`: NULL means "compute me", and every write wakes the schedulers, so a NULL that stays
+/// NULL would have them recompute it in a loop.
+fn advance(
+    log: &Logger,
+    name: &str,
+    next: Result<Option<chrono::DateTime<chrono::Utc>>, crate::job::FieldError>,
+    last: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
+) -> Advance {
+    let (next_run_at, invalid) = match next {
+        Ok(Some(at)) => (Some(at), None),
+        Ok(None) => (None, Some("cron: matches no future time".to_string())),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    if let Some(why) = &invalid {
+        warn!(log, "schedule cannot run"; "schedule" => name, "err" => why);
+    }
+    Advance { name: name.to_string(), next_run_at, invalid, last }
 }
