@@ -35,6 +35,8 @@ pub mod logging;
 pub mod maintenance;
 pub mod metrics;
 pub mod remote;
+pub mod schedule;
+pub mod scheduler;
 pub mod service;
 pub mod supervisor;
 pub mod ui;

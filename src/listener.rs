@@ -6,7 +6,8 @@
 //!
 //! NOTIFY is only a hint. When the connection breaks, notifications sent during the gap are gone, so
 //! after reconnecting (capped exponential backoff) and re-listening it wakes every producer once to
-//! sweep the table. The producers' poll fallback covers anything else.
+//! sweep the table. The producers' poll fallback covers anything else. A change of `schedules`
+//! (`jobqueue_schedules`) wakes the scheduler, which re-arms its timer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::queries::{self, CHANNEL_CANCEL, CHANNEL_JOBS};
+use crate::db::schedules::CHANNEL_SCHEDULES;
 use crate::db::{Connector, DbError, Purpose};
 use crate::remote::QueueWakes;
 use crate::supervisor::TaskResult;
@@ -34,6 +36,8 @@ pub struct Listener {
     /// Remote workers long-polling a queue on this instance.
     pub remote: Arc<QueueWakes>,
     pub running: Arc<Running>,
+    /// The scheduler's wake-up: a schedule was written somewhere.
+    pub schedules: Arc<Notify>,
     /// How often the connection is checked with a trivial query, so a silently dead one is noticed.
     pub ping_interval: Duration,
     pub log: Logger,
@@ -90,12 +94,13 @@ impl Listener {
         let _abort_driver = AbortOnDrop(driver.abort_handle());
 
         queries::channels_listen(&client).await?;
-        info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}"));
+        info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}, {CHANNEL_SCHEDULES}"));
         // Anything inserted while we were not listening announced itself to no one: sweep once.
         for wake in self.wakes.values() {
             wake.notify_one();
         }
         self.remote.wake_all();
+        self.schedules.notify_one();
 
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.tick().await;
@@ -137,6 +142,7 @@ impl Listener {
                     }
                 }
             }
+            CHANNEL_SCHEDULES => self.schedules.notify_one(),
             other => debug!(log, "notification on an unexpected channel"; "channel" => other),
         }
     }

@@ -133,6 +133,11 @@ pub fn route_template(path: &str) -> &'static str {
         ["queues", _, "claim"] => "/queues/{queue}/claim",
         ["queues", _, "pause"] => "/queues/{queue}/pause",
         ["queues", _, "resume"] => "/queues/{queue}/resume",
+        ["schedules"] => "/schedules",
+        ["schedules", _] => "/schedules/{name}",
+        ["schedules", _, "pause"] => "/schedules/{name}/pause",
+        ["schedules", _, "resume"] => "/schedules/{name}/resume",
+        ["schedules", _, "trigger"] => "/schedules/{name}/trigger",
         ["ui", ..] => "/ui",
         _ => "other",
     }
@@ -260,5 +265,9 @@ mod tests {
         assert_eq!(route_template("/jobs"), "/jobs");
         assert_eq!(route_template("/ui/jobs/abc"), "/ui");
         assert_eq!(route_template("/no/such/path/123"), "other");
+        // Every route of the router is its own template (a schedule name is never a label).
+        for (_, path) in crate::api::openapi::ROUTES {
+            assert_eq!(route_template(path), *path);
+        }
     }
 }

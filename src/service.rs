@@ -19,6 +19,7 @@ use crate::instances::Registry;
 use crate::listener::Listener;
 use crate::maintenance::Maintenance;
 use crate::remote::{Remote, RemoteSettings};
+use crate::scheduler::Scheduler;
 use crate::supervisor::{Supervisor, TaskFailure};
 use crate::waiters::Waiters;
 use crate::worker::handler::Handler;
@@ -71,6 +72,24 @@ pub async fn migrate_baseline(config: &Config, log: &Logger) -> Result<migrate::
     migrate::baseline(&mut client, log).await
 }
 
+/// Writes the config file's schedules to the database, by the rule of
+/// [`crate::db::schedules::schedule_sync`]: create what is missing, update what a config file wrote
+/// and this file defines differently, never touch what the API or SQL wrote. Start-up only, so
+/// instances with different files do not keep overwriting each other.
+async fn sync_schedules(pool: &Pool, schedules: &[crate::schedule::ScheduleSpec], log: &Logger) -> Result<(), DbError> {
+    if schedules.is_empty() {
+        return Ok(());
+    }
+    let client = pool.get().await?;
+    for spec in schedules {
+        // Checked when the file was read; the time zone database is this binary's own.
+        let next = spec.validate().ok().and_then(|t| t.next_after(chrono::Utc::now()));
+        let synced = crate::db::schedules::schedule_sync(&*client, spec, next).await?;
+        info!(log, "schedule from the config file"; "schedule" => &spec.name, "synced" => format!("{synced:?}"));
+    }
+    Ok(())
+}
+
 /// Builds a service from a [`Config`] and the handlers of the queues it serves.
 pub struct Builder {
     config: Config,
@@ -119,6 +138,7 @@ impl Builder {
         migrate(&config, &log).await?;
         let connector = Arc::new(Connector::new(&config.database_url, config.statement_timeout)?);
         let pool = connector.pool(config.db_pool_size, config.db_acquire_timeout);
+        sync_schedules(&pool, &config.schedules, &log).await?;
         let running = Arc::new(Running::default());
         let waiters = Arc::new(Waiters::new(config.http.max_waiters));
         let health = Arc::new(Health::default());
@@ -182,11 +202,14 @@ impl Builder {
         };
         crate::metrics::init();
         let sampler = Arc::new(crate::metrics::Sampler { slots: engine.slots(), pool: pool.clone() });
+        let schedule_wake = Arc::new(tokio::sync::Notify::new());
+        let scheduler = Scheduler { pool: pool.clone(), wake: schedule_wake.clone(), log: log.clone() };
         let notifications = Listener {
             connector: connector.clone(),
             wakes: wakes.clone(),
             remote: remote.wakes(),
             running: running.clone(),
+            schedules: schedule_wake,
             ping_interval: Duration::from_secs(10),
             log: log.clone(),
         };
@@ -252,6 +275,7 @@ impl Builder {
         }
         supervisor.spawn("listener", notifications.run(shutdown.clone()));
         supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
+        supervisor.spawn("scheduler", scheduler.run(shutdown.clone()));
         supervisor.spawn("registry", registry.run(shutdown.clone()));
         let metrics_log = log.new(slog::o!("component" => "metrics"));
         let refresh = crate::metrics::refresh(

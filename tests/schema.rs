@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{connect, count, Proc, TestDb};
+use common::{connect, count, drop_schema, Proc, TestDb};
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -44,17 +44,6 @@ async fn drain(
 /// How many migrations the binary embeds: one file each in `db/migrations`.
 fn migration_files() -> i64 {
     std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/db/migrations")).unwrap().count() as i64
-}
-
-/// Empties a test database of everything the migrations made, so that they run for real.
-async fn drop_schema(c: &tokio_postgres::Client) {
-    c.batch_execute(
-        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
-         DROP TABLE instances;
-         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted; DROP FUNCTION jobqueue_uuidv7;",
-    )
-    .await
-    .unwrap();
 }
 
 #[tokio::test]

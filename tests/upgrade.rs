@@ -5,18 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{count, wait_count, Proc, TestDb};
-
-/// Empties a test database of everything the migrations made (and records of them).
-async fn drop_schema(c: &tokio_postgres::Client) {
-    c.batch_execute(
-        "DROP TABLE jobqueue_migrations; DROP VIEW jobqueue_stats; DROP TABLE jobs; DROP TABLE queues;
-         DROP TABLE instances;
-         DROP FUNCTION jobs_touch_updated_at; DROP FUNCTION jobs_notify_inserted; DROP FUNCTION jobqueue_uuidv7;",
-    )
-    .await
-    .unwrap();
-}
+use common::{count, drop_schema, wait_count, Proc, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_at_v3_upgrades_with_every_job_intact_and_its_jobs_still_run() {

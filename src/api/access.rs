@@ -35,13 +35,25 @@ pub fn need(method: &Method, segments: &[&str]) -> Need {
         ["whoami"] => Need::Authenticated,
         // The dashboard's static files, and signing in and out (which check the token themselves).
         ["ui", "assets", ..] | ["ui", "session"] => Need::Public,
-        ["stats"] | ["stats", "history"] | ["jobs"] | ["jobs", _] | ["queues"] | ["metrics"] | ["openapi.json"]
+        ["stats"]
+        | ["stats", "history"]
+        | ["jobs"]
+        | ["jobs", _]
+        | ["queues"]
+        | ["metrics"]
+        | ["openapi.json"]
+        | ["schedules"]
+        | ["schedules", _]
             if m == Method::GET =>
         {
             Need::Scope(Scope::Read)
         }
         ["ui", ..] if m == Method::GET => Need::Scope(Scope::Read),
-        ["jobs"] | ["jobs", "batch"] | ["jobs", _, "cancel" | "retry"] if m == Method::POST => {
+        // Running a schedule now creates one job, as POST /jobs does; changing schedules (PUT,
+        // DELETE, pause, resume) is administration, like pausing a queue, and falls to the default.
+        ["jobs"] | ["jobs", "batch"] | ["jobs", _, "cancel" | "retry"] | ["schedules", _, "trigger"]
+            if m == Method::POST =>
+        {
             Need::Scope(Scope::Write)
         }
         ["queues", _, "claim"] | ["jobs", _, "heartbeat" | "complete" | "fail" | "snooze" | "release"]
@@ -176,7 +188,7 @@ fn percent_decode(s: &str) -> Option<String> {
 /// without asking, but not JSON. So another site cannot cancel or create jobs through a visitor's
 /// browser, whatever the API's authentication.
 pub fn check_content_type(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
-    if *method != Method::POST {
+    if *method != Method::POST && *method != Method::PUT {
         return Ok(());
     }
     match headers.get(header::CONTENT_TYPE) {
@@ -205,7 +217,7 @@ pub fn preflight(origin: &str) -> Response {
     *resp.status_mut() = warp::http::StatusCode::NO_CONTENT;
     let h = resp.headers_mut();
     add_cors(h, origin);
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, PUT, DELETE"));
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("authorization, content-type, idempotency-key"),
@@ -234,6 +246,10 @@ mod tests {
         assert_eq!(need(&post, &["jobs", "x", "cancel"]), Need::Scope(Scope::Write));
         assert_eq!(need(&post, &["queues", "q", "claim"]), Need::Scope(Scope::Worker));
         assert_eq!(need(&post, &["queues", "q", "pause"]), Need::Scope(Scope::Admin));
+        assert_eq!(need(&get, &["schedules", "s"]), Need::Scope(Scope::Read));
+        assert_eq!(need(&post, &["schedules", "s", "trigger"]), Need::Scope(Scope::Write));
+        assert_eq!(need(&Method::PUT, &["schedules", "s"]), Need::Scope(Scope::Admin));
+        assert_eq!(need(&post, &["schedules", "s", "pause"]), Need::Scope(Scope::Admin));
         assert_eq!(need(&Method::DELETE, &["jobs", "x"]), Need::Scope(Scope::Admin));
         assert_eq!(need(&get, &["something", "new"]), Need::Scope(Scope::Admin));
         assert_eq!(need(&get, &["stats", "history"]), Need::Scope(Scope::Read));

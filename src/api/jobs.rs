@@ -66,7 +66,7 @@ impl JobSpec {
     }
 }
 
-fn created(job: &Job) -> Response {
+pub(super) fn created(job: &Job) -> Response {
     let mut resp = reply(StatusCode::CREATED, job);
     if let Ok(loc) = HeaderValue::from_str(&format!("/jobs/{}", job.id)) {
         resp.headers_mut().insert(header::LOCATION, loc);

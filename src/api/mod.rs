@@ -14,6 +14,7 @@ pub(crate) mod jobs;
 pub mod openapi;
 mod queues;
 mod remote;
+mod schedules;
 pub mod server;
 mod stats;
 
@@ -208,6 +209,25 @@ where
             within(state, queues::set_paused(state, queues::name(queue)?, *action == "pause")).await
         }
         ["queues", _, "claim" | "pause" | "resume"] => Err(ApiError::method_not_allowed("POST")),
+        ["schedules"] if m == Method::GET => within(state, schedules::list(state)).await,
+        ["schedules"] => Err(ApiError::method_not_allowed("GET")),
+        ["schedules", name] if m == Method::GET => within(state, schedules::get(state, schedules::name(name)?)).await,
+        ["schedules", name] if m == Method::PUT => {
+            let name = schedules::name(name)?;
+            let body = read_json_body(state, req, body).await?;
+            within(state, schedules::put(state, name, body)).await
+        }
+        ["schedules", name] if m == Method::DELETE => {
+            within(state, schedules::delete(state, schedules::name(name)?)).await
+        }
+        ["schedules", _] => Err(ApiError::method_not_allowed("GET, PUT, DELETE")),
+        ["schedules", name, action @ ("pause" | "resume")] if m == Method::POST => {
+            within(state, schedules::set_paused(state, schedules::name(name)?, *action == "pause")).await
+        }
+        ["schedules", name, "trigger"] if m == Method::POST => {
+            within(state, schedules::trigger(state, schedules::name(name)?)).await
+        }
+        ["schedules", _, "pause" | "resume" | "trigger"] => Err(ApiError::method_not_allowed("POST")),
         _ => Err(ApiError::not_found(format!("no route for {}", req.path))),
     }
 }

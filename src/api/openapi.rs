@@ -38,6 +38,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/queues/{queue}/claim"),
     ("POST", "/queues/{queue}/pause"),
     ("POST", "/queues/{queue}/resume"),
+    ("GET", "/schedules"),
+    ("GET", "/schedules/{name}"),
+    ("PUT", "/schedules/{name}"),
+    ("DELETE", "/schedules/{name}"),
+    ("POST", "/schedules/{name}/pause"),
+    ("POST", "/schedules/{name}/resume"),
+    ("POST", "/schedules/{name}/trigger"),
 ];
 
 pub fn document() -> Response {

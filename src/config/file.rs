@@ -23,6 +23,7 @@ use super::resolve::{check_duration, DURATION_FORMS};
 use super::{ConfigError, HandlerSpec, Secret};
 use crate::auth::{Scope, TokenHash};
 use crate::limits::{CONCURRENCY_RANGE, JITTER_RANGE, JOB_TIMEOUT_MIN, MAX_ATTEMPTS_RANGE, QUEUE_NAME_MAX};
+use crate::schedule::{Missed, ScheduleSpec};
 
 /// The keys of a `[queues.NAME]` table.
 pub const QUEUE_KEYS: &[&str] = &[
@@ -49,7 +50,12 @@ pub struct FileConfig {
     pub queues: Vec<FileQueue>,
     /// `[auth] tokens = [{ scope = "admin", sha256 = "<hex>" }, ...]`: hashes only, never tokens.
     pub auth: Vec<(Scope, TokenHash)>,
+    /// `[schedules.NAME]` tables, in the order of their names, checked as the API checks them.
+    pub schedules: Vec<ScheduleSpec>,
 }
+
+/// The keys of a `[schedules.NAME]` table.
+pub const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "queue", "payload", "priority", "max_attempts", "missed"];
 
 /// One `[queues.NAME]` table. `None` leaves the setting to the instance-wide value.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +86,19 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     for (key, value) in table {
         if key == "auth" {
             config.auth = parse_auth(value).map_err(|m| err(format!("[auth] {m}")))?;
+            continue;
+        }
+        if key == "schedules" {
+            let Value::Table(schedules) = value else {
+                return Err(err(format!("schedules: expected [schedules.NAME] tables, got {}", describe(&value))));
+            };
+            for (name, schedule) in schedules {
+                let Value::Table(schedule) = schedule else {
+                    return Err(err(format!("schedules.{name}: expected a table, got {}", describe(&schedule))));
+                };
+                let spec = parse_schedule(&name, schedule).map_err(|m| err(format!("[schedules.{name}] {m}")))?;
+                config.schedules.push(spec);
+            }
             continue;
         }
         if key == "queues" {
@@ -264,6 +283,48 @@ fn parse_queue(name: &str, mut t: Table) -> Result<FileQueue, String> {
         other => return Err(format!("handler: expected \"builtin\", \"webhook\" or \"command\", got {other:?}")),
     };
     Ok(FileQueue { name: name.to_string(), concurrency, max_attempts, backoff, backoff_max, jitter, timeout, handler })
+}
+
+/// The checks of one schedule's table (the same as `PUT /schedules/{name}`'s); the error omits the
+/// `[schedules.NAME]` prefix.
+fn parse_schedule(name: &str, t: Table) -> Result<ScheduleSpec, String> {
+    if let Some(key) = t.keys().find(|k| !SCHEDULE_KEYS.contains(&k.as_str())) {
+        return Err(format!("unknown key {key:?} (expected one of: {})", SCHEDULE_KEYS.join(", ")));
+    }
+    let string = |key: &str| -> Result<Option<String>, String> {
+        match t.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(format!("{key}: expected a string, got {}", describe(v))),
+        }
+    };
+    let int = |key: &str| -> Result<Option<i32>, String> {
+        match t.get(key) {
+            None => Ok(None),
+            Some(Value::Integer(i)) => i32::try_from(*i).map(Some).map_err(|_| format!("{key}: {i} is out of range")),
+            Some(v) => Err(format!("{key}: expected a whole number, got {}", describe(v))),
+        }
+    };
+    let missed = match string("missed")? {
+        None => Missed::default(),
+        Some(m) => Missed::parse(&m).ok_or(format!("missed: expected \"skip\", \"once\" or \"all\", got {m:?}"))?,
+    };
+    let payload = match t.get("payload") {
+        None => serde_json::json!({}),
+        Some(v) => serde_json::to_value(v).map_err(|e| format!("payload: cannot be JSON: {e}"))?,
+    };
+    let spec = ScheduleSpec {
+        name: name.to_string(),
+        cron: string("cron")?.ok_or("cron: required, e.g. cron = \"0 2 * * *\"")?,
+        timezone: string("timezone")?.unwrap_or_else(|| "UTC".to_string()),
+        queue: string("queue")?.unwrap_or_else(|| super::DEFAULT_QUEUE.to_string()),
+        payload,
+        priority: int("priority")?.unwrap_or(0),
+        max_attempts: int("max_attempts")?,
+        missed,
+    };
+    spec.validate().map_err(|e| e.to_string())?;
+    Ok(spec)
 }
 
 /// An absolute http or https URL with a host.

@@ -156,6 +156,9 @@ pub struct Config {
     pub instance_id: String,
     /// A second listener serving `/metrics` alone; `None` serves it on the API port only.
     pub metrics_bind: Option<std::net::SocketAddr>,
+    /// The config file's `[schedules.NAME]`, written to the database at start-up (see
+    /// `db::schedules::schedule_sync` for the rule).
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
 }
 
 /// Bounds on what HTTP clients may hold of an instance: every connection, every wait, every byte has a
@@ -241,6 +244,7 @@ impl Default for Config {
             maintenance_interval: Duration::from_secs(30),
             instance_id: generate_instance_id(),
             metrics_bind: None,
+            schedules: Vec::new(),
         }
     }
 }

@@ -294,6 +294,7 @@ impl Settings {
             auth,
             cors_origins,
             metrics_bind,
+            schedules: file.map(|f| f.schedules.clone()).unwrap_or_default(),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod lease;
 pub mod migrate;
 pub mod queries;
 pub mod queues;
+pub mod schedules;
 pub mod tls;
 
 pub use connect::{Conn, ConnSlot, Connector, Pool, Purpose, RawConnection, DEADLINE_MARGIN};

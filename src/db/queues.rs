@@ -5,23 +5,15 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 
-use super::queries::{secs, CHANNEL_JOBS};
+use super::queries::secs;
 use super::DbError;
 
-/// Pauses or resumes `queue`. Resuming announces the queue, so that idle workers everywhere (producers
-/// and remote long-polls) claim its backlog at once instead of at their next poll.
+/// Pauses or resumes `queue` through `jobqueue_pause` / `jobqueue_resume` (db/migrations/V5__sql_api.sql),
+/// the functions psql users call. Resuming announces the queue, so that idle workers everywhere
+/// (producers and remote long-polls) claim its backlog at once instead of at their next poll.
 pub async fn queue_set_paused(client: &impl GenericClient, queue: &str, paused: bool) -> Result<(), DbError> {
-    client
-        .execute(
-            "WITH upsert AS (
-                 INSERT INTO queues (name, paused) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now()
-                 RETURNING paused
-             )
-             SELECT pg_notify($3, $1) FROM upsert WHERE NOT paused",
-            &[&queue, &paused, &CHANNEL_JOBS],
-        )
-        .await?;
+    let sql = if paused { "SELECT jobqueue_pause($1)" } else { "SELECT jobqueue_resume($1)" };
+    client.execute(sql, &[&queue]).await?;
     Ok(())
 }
 

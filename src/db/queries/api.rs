@@ -7,7 +7,7 @@ use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
 use super::super::DbError;
-use super::{job_from_row, jobs_from_rows, CHANNEL_CANCEL, CHANNEL_JOBS};
+use super::{job_from_row, jobs_from_rows};
 use crate::job::{Job, JobStatus, NewJob};
 
 /// Inserts one job. With a `unique_key` that a pending or processing job of the same queue already
@@ -201,6 +201,9 @@ pub enum Cancel {
     NotFound,
 }
 
+/// Cancels through `jobqueue_cancel` (db/migrations/V5__sql_api.sql), the one definition of the
+/// transition that psql users call too, then reads the job as the function left it. Both statements run
+/// in one transaction: the function locked the row, so the read sees exactly what it did.
 pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
     // Locking a row that a concurrent completion has just moved to jobs_finished is a serialization
     // failure; the next try reads it there and answers that it is finished.
@@ -215,36 +218,16 @@ pub async fn job_cancel(client: &mut Client, id: Uuid) -> Result<Cancel, DbError
 
 async fn job_cancel_once(client: &mut Client, id: Uuid) -> Result<Cancel, DbError> {
     let tx = client.transaction().await?;
-    let Some(row) = tx.query_opt("SELECT * FROM jobs WHERE id = $1 FOR UPDATE", &[&id]).await? else {
-        return Ok(Cancel::NotFound);
-    };
-    let job = job_from_row(&row)?;
-    let outcome = match job.status {
-        JobStatus::Pending => {
-            let row = tx
-                .query_one(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now() WHERE id = $1 RETURNING *",
-                    &[&id],
-                )
-                .await?;
-            Cancel::Cancelled(job_from_row(&row)?)
-        }
-        JobStatus::Processing => {
-            let row = tx
-                .query_one(
-                    "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
-                     WHERE id = $1 RETURNING *",
-                    &[&id],
-                )
-                .await?;
-            // Delivered at commit to every instance's listener; the holder cancels the handler.
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_CANCEL, &id.to_string()]).await?;
-            Cancel::Requested(job_from_row(&row)?)
-        }
-        _ => Cancel::Finished(job),
-    };
+    let outcome: String = tx.query_one("SELECT jobqueue_cancel($1)", &[&id]).await?.try_get(0)?;
+    let job = job_get(&tx, id).await?;
     tx.commit().await?;
-    Ok(outcome)
+    Ok(match (outcome.as_str(), job) {
+        ("cancelled", Some(job)) => Cancel::Cancelled(job),
+        ("requested", Some(job)) => Cancel::Requested(job),
+        ("finished", Some(job)) => Cancel::Finished(job),
+        ("not_found", None) => Cancel::NotFound,
+        (other, _) => return Err(DbError::Decode(format!("jobqueue_cancel answered {other:?} for job {id}"))),
+    })
 }
 
 /// What [`job_retry`] did.
@@ -257,31 +240,18 @@ pub enum Retry {
 }
 
 /// Puts a failed or cancelled job back to pending, runnable now, with its attempts reset to zero (its
-/// error history is kept).
+/// error history is kept), through `jobqueue_retry`, which also wakes the queue's workers.
 pub async fn job_retry(client: &mut Client, id: Uuid) -> Result<Retry, DbError> {
     let tx = client.transaction().await?;
-    let row = tx
-        .query_opt(
-            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = now(), result = NULL, updated_at = now(),
-                    finished_at = NULL, cancel_requested_at = NULL
-             WHERE id = $1 AND status IN ('failed', 'cancelled')
-             RETURNING *",
-            &[&id],
-        )
-        .await?;
-    let outcome = match row {
-        Some(row) => {
-            let job = job_from_row(&row)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_JOBS, &job.queue]).await?;
-            Retry::Retried(job)
-        }
-        None => match job_get(&tx, id).await? {
-            Some(job) => Retry::Refused(job),
-            None => Retry::NotFound,
-        },
-    };
+    let outcome: String = tx.query_one("SELECT jobqueue_retry($1)", &[&id]).await?.try_get(0)?;
+    let job = job_get(&tx, id).await?;
     tx.commit().await?;
-    Ok(outcome)
+    Ok(match (outcome.as_str(), job) {
+        ("retried", Some(job)) => Retry::Retried(job),
+        ("refused", Some(job)) => Retry::Refused(job),
+        ("not_found", None) => Retry::NotFound,
+        (other, _) => return Err(DbError::Decode(format!("jobqueue_retry answered {other:?} for job {id}"))),
+    })
 }
 
 /// Which of `ids` are finished. Used by the waiters of `GET /jobs/{id}?wait=`: one query for all of

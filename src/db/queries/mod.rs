@@ -30,9 +30,10 @@ pub const CHANNEL_JOBS: &str = "jobqueue";
 /// Channel on which cancellation of a processing job is announced. Payload: job id.
 pub const CHANNEL_CANCEL: &str = "jobqueue_cancel";
 
-/// Subscribes the listener's connection to both channels.
+/// Subscribes the listener's connection to the jobs, cancel and schedules channels.
 pub async fn channels_listen(client: &Client) -> Result<(), DbError> {
-    Ok(client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL};")).await?)
+    let schedules = super::schedules::CHANNEL_SCHEDULES;
+    Ok(client.batch_execute(&format!("LISTEN {CHANNEL_JOBS}; LISTEN {CHANNEL_CANCEL}; LISTEN {schedules};")).await?)
 }
 
 /// A round trip on a connection that may hold no transaction and prepare nothing (the listener's).
