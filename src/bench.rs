@@ -43,6 +43,7 @@ fn with_database(url: &str, name: &str) -> String {
 
 pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Result<()> {
     let latency_for = parse_duration(&args.latency_for).context("--latency-for: expected a duration such as 5s")?;
+    let job_sleep = parse_duration(&args.job_sleep).context("--job-sleep: expected a duration such as 50ms")?;
     if config.database_name().as_deref() == Some(args.database.as_str()) {
         anyhow::bail!("--database must differ from the service's database: the benchmark drops it");
     }
@@ -89,7 +90,12 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
                 let ms = (Utc::now() - ctx.job.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 latencies.lock().expect("latencies").push(ms);
             }
-            futures_util::future::Either::Right(async { Ok::<_, HandlerError>(serde_json::Value::Null) })
+            futures_util::future::Either::Right(async move {
+                if !job_sleep.is_zero() {
+                    tokio::time::sleep(job_sleep).await;
+                }
+                Ok::<_, HandlerError>(serde_json::Value::Null)
+            })
         }
     };
     let service = Builder::new(bench_config).api(false).handler(QUEUE, handler).start().await?;
@@ -123,8 +129,9 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     }
     let elapsed = db::queries::bench_drain_time(&*c, QUEUE, committed).await?;
     let rate = n as f64 / elapsed.as_secs_f64();
+    let kind = if job_sleep.is_zero() { "no-op".to_string() } else { format!("{} sleeping", args.job_sleep) };
     println!(
-        "throughput: {n} no-op jobs drained in {:.2}s = {rate:.0} jobs/s (concurrency {concurrency})",
+        "throughput: {n} {kind} jobs drained in {:.2}s = {rate:.0} jobs/s (concurrency {concurrency})",
         elapsed.as_secs_f64()
     );
     println!("priority: a priority -1000 job inserted behind the remaining backlog started {urgent_ms:.1} ms after its insert was sent");

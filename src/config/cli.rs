@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Concurrent jobs of the benchmark queue (default: WORKERS, as `jobqueue serve` would run).
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// How long each job's handler waits before it succeeds, e.g. 50ms (an I/O-bound job); 0 is a
+    /// no-op.
+    #[arg(long, default_value = "0s")]
+    pub job_sleep: String,
     /// Database the benchmark creates and drops (it must not be the service's database).
     #[arg(long, default_value = "jobqueue_bench")]
     pub database: String,
