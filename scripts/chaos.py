@@ -2,13 +2,16 @@
 """Load generator and invariant checker of scripts/chaos.sh (standard library and psql only).
 
   chaos.py load --urls U1,U2,U3 --duration SECS --out accepted.tsv [--seed N]
+  chaos.py remote --exec-log exec.log       (a remote worker; JOBQUEUE_* as examples/worker.py reads them)
   chaos.py check --accepted accepted.tsv --exec-log exec.log --faults "..." [--unexpected-exits N]
+                 [--worker-exits N]
 
 psql reads the private cluster from PGHOST/PGPORT/PGUSER/PGDATABASE, set by chaos.sh.
 """
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -21,6 +24,18 @@ import uuid
 # Unique keys are drawn from a small pool so that duplicates really happen (200 from POST /jobs, 409
 # from a batch, ON CONFLICT from psql) while the first holder is still pending or processing.
 KEY_POOL = 30
+# The queues whose `done` results name the job, attempt and holder that wrote them: the commands, the
+# drill handler (panicky) and the remote workers.
+FENCED_QUEUES = "('slow', 'flaky', 'panicky', 'remote')"
+
+
+def payload(rng, queue):
+    """A job's payload. The drill handler of `panicky` panics on the first `panic_attempts` attempts;
+    the queue allows 3, so 3 means the job fails after three panics."""
+    p = {"n": rng.randrange(10**9)}
+    if queue == "panicky":
+        p["panic_attempts"] = rng.choice([0, 1, 1, 2, 3])
+    return p
 
 
 def psql(sql, stdin=None):
@@ -72,7 +87,7 @@ class Load:
         return None, None
 
     def job(self, queue):
-        body = {"payload": {"n": self.rng.randrange(10**9)}, "queue": queue}
+        body = {"payload": payload(self.rng, queue), "queue": queue}
         r = self.rng.random()
         if r < 0.3:
             body["unique_key"] = f"k{self.rng.randrange(KEY_POOL)}"
@@ -90,7 +105,7 @@ class Load:
             time.sleep(interval * (0.5 + self.rng.random()))
 
     def api_single(self):
-        queue = self.rng.choice(["fast", "fast", "fast", "slow", "flaky", "flaky"])
+        queue = self.rng.choice(["fast", "fast", "fast", "slow", "flaky", "flaky", "panicky", "remote"])
         body = self.job(queue)
         status, job = self.request("POST", "/jobs", body)
         self.count(f"POST /jobs {status}")
@@ -98,7 +113,8 @@ class Load:
             self.accept(job["id"], "api", bool(body["payload"].get("future")))
 
     def api_batch(self):
-        items = [self.job(self.rng.choice(["fast", "flaky"])) for _ in range(self.rng.randrange(1, 11))]
+        items = [self.job(self.rng.choice(["fast", "fast", "flaky", "flaky", "panicky", "remote"]))
+                 for _ in range(self.rng.randrange(1, 11))]
         status, jobs = self.request("POST", "/jobs/batch", items)
         self.count(f"POST /jobs/batch {status}")
         if status == 201:
@@ -109,9 +125,9 @@ class Load:
         n = self.rng.randrange(1, 6)
         rows = []
         for _ in range(n):
-            queue = self.rng.choice(["default", "fast", "flaky"])
+            queue = self.rng.choice(["default", "fast", "flaky", "panicky", "remote"])
             key = f"'k{self.rng.randrange(KEY_POOL)}'" if self.rng.random() < 0.3 else "NULL"
-            rows.append(f"('{{\"n\": {self.rng.randrange(10**9)}}}', '{queue}', {key})")
+            rows.append(f"('{json.dumps(payload(self.rng, queue))}', '{queue}', {key})")
         ids = psql("INSERT INTO jobs (payload, queue, unique_key) VALUES " + ", ".join(rows)
                    + " ON CONFLICT DO NOTHING RETURNING id")
         self.count("psql inserts")
@@ -172,7 +188,7 @@ INVARIANTS = [
      "HAVING count(*) FILTER (WHERE new_status = 'done') > 1 OR count(*) FILTER (WHERE old_status = 'done') > 0"),
     ("a done result was written by the attempt and instance that held the row (fenced completion)",
      "SELECT job_id, old_attempts, old_locked_by, result FROM chaos_events "
-     "WHERE kind = 'exit' AND new_status = 'done' AND queue IN ('slow', 'flaky') "
+     f"WHERE kind = 'exit' AND new_status = 'done' AND queue IN {FENCED_QUEUES} "
      "AND (result->>'job' IS DISTINCT FROM job_id::text OR (result->>'attempt')::int IS DISTINCT FROM old_attempts "
      "     OR result->>'instance' IS DISTINCT FROM old_locked_by)"),
     ("a claim counts one attempt; an exit keeps it or gives back one (snooze, release)",
@@ -195,7 +211,45 @@ INVARIANTS = [
      "SELECT job_id, queue, unique_key, from_at, busy_until FROM ordered WHERE from_at < busy_until"),
     ("no job was deleted",
      "SELECT job_id FROM chaos_events WHERE kind = 'delete'"),
+    ("a handler panic ends its attempt as a retryable error: a panicking job fails only with its attempts "
+     "used up",
+     "SELECT id, attempts, max_attempts, error FROM jobs WHERE queue = 'panicky' AND status = 'failed' "
+     "AND attempts < max_attempts"),
+    ("the queue served only remotely was claimed only by remote workers",
+     "SELECT job_id, new_locked_by FROM chaos_events WHERE queue = 'remote' AND kind = 'claim' "
+     "AND new_locked_by NOT LIKE 'remote-%'"),
 ]
+
+
+def remote(args):
+    """A remote worker: examples/worker.py as a user runs it, with `work` replaced (as its docstring
+    invites) by one that records each execution in the exec log and answers, like the command
+    handlers, with its job, attempt and worker name, so that the checker can tell whose result was
+    written. 10% of executions outlast the 2 s lease (heartbeats must hold it), 10% fail and are
+    retried, 5% fail for good."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    import worker  # noqa: E402 - the example, found only once its directory is on the path
+
+    rng = random.Random()
+    log = os.open(args.exec_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(what, job):
+        # One short write per line: O_APPEND keeps lines of concurrent writers whole.
+        os.write(log, f"{what} {job['id']} {job['attempts']} {worker.WORKER} {time.time():.6f}\n".encode())
+
+    def work(job):
+        record("start", job)
+        r = rng.random()
+        time.sleep(rng.uniform(2.2, 3.5) if r < 0.1 else rng.uniform(0, 0.1))
+        record("end", job)
+        if r >= 0.95:
+            raise worker.Permanent("permanent failure")
+        if r >= 0.85:
+            raise RuntimeError("try again later")
+        return {"job": job["id"], "attempt": job["attempts"], "instance": worker.WORKER}
+
+    worker.work = work
+    worker.main()
 
 
 def handler_overlaps(path):
@@ -235,10 +289,18 @@ def check(args):
         "SELECT count(*) FILTER (WHERE kind = 'claim'),"
         " count(*) FILTER (WHERE kind = 'exit' AND new_status = 'pending' AND new_attempts = old_attempts),"
         " count(*) FILTER (WHERE kind = 'exit' AND new_attempts = old_attempts - 1) FROM chaos_events")
+    (remote_jobs, remote_claims, panicky_jobs, panics), = psql(
+        "SELECT (SELECT count(*) FROM jobs WHERE queue = 'remote'),"
+        " (SELECT count(*) FROM chaos_events WHERE queue = 'remote' AND kind = 'claim'),"
+        " (SELECT count(*) FROM jobs WHERE queue = 'panicky'),"
+        # A panicky job has at most 3 errors, well within the 20 that `errors` keeps: this count is exact.
+        " (SELECT count(*) FROM jobs, jsonb_array_elements(errors) e"
+        "  WHERE queue = 'panicky' AND e->>'error' LIKE 'handler panicked%')")
     execs, overlaps = handler_overlaps(args.exec_log)
     print(f"chaos: statuses {' '.join(f'{s}={n}' for s, n in stats)}; accepted={accepted} claims={claims} "
-          f"back-to-pending={rescued} released={released} command-executions={execs} "
-          f"overlapping-executions={overlaps} (allowed) unexpected-exits={args.unexpected_exits}",
+          f"back-to-pending={rescued} released={released} executions-logged={execs} "
+          f"overlapping-executions={overlaps} (allowed) remote-claims={remote_claims} "
+          f"unexpected-exits={args.unexpected_exits} worker-exits={args.worker_exits}",
           file=sys.stderr)
     violations = 0
     for name, sql in INVARIANTS:
@@ -248,8 +310,19 @@ def check(args):
             print(f"chaos: VIOLATED: {name}: {len(rows)} rows, e.g.", file=sys.stderr)
             for row in rows[:5]:
                 print("    " + " | ".join(row), file=sys.stderr)
+    # Not from the database: the processes themselves. A handler panic or an instance restart must not
+    # end a process; only the faults do.
+    exits = args.unexpected_exits + args.worker_exits
+    if exits:
+        violations += exits
+        print(f"chaos: VIOLATED: no instance or remote worker exited by itself: {args.unexpected_exits} "
+              f"instances, {args.worker_exits} workers", file=sys.stderr)
+    if int(panics) == 0 or int(remote_claims) == 0:
+        violations += 1
+        print(f"chaos: VIOLATED: the mix ran: panics={panics} remote-claims={remote_claims}", file=sys.stderr)
     total = sum(int(x.split("=")[1]) for x in args.faults.split())
-    print(f"chaos: jobs={jobs} faults={total} ({args.faults}) invariants={len(INVARIANTS)} violations={violations}")
+    print(f"chaos: jobs={jobs} (remote={remote_jobs} panicking-handler={panicky_jobs} panics={panics}) "
+          f"faults={total} ({args.faults}) invariants={len(INVARIANTS) + 2} violations={violations}")
     return 1 if violations else 0
 
 
@@ -266,10 +339,15 @@ def main():
     cp.add_argument("--exec-log", required=True)
     cp.add_argument("--faults", required=True)
     cp.add_argument("--unexpected-exits", type=int, default=0)
+    cp.add_argument("--worker-exits", type=int, default=0)
+    rp = sub.add_parser("remote")
+    rp.add_argument("--exec-log", required=True)
     args = p.parse_args()
     if args.cmd == "load":
         Load(args.urls.split(","), time.monotonic() + args.duration, args.out, random.Random(args.seed)).run()
         return 0
+    if args.cmd == "remote":
+        return remote(args)
     return check(args)
 
 

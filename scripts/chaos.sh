@@ -5,11 +5,14 @@
 #
 # Starts a private PostgreSQL cluster (its own port and data directory under target/chaos, never the
 # server of DATABASE_URL, since this script restarts it), three `jobqueue serve` processes with short
-# leases, and a load generator (scripts/chaos.py) that inserts jobs through the API and psql, with
-# unique keys, cancels and retries. Faults come at random moments: kill -9 and SIGTERM of instances
-# (restarted after), pg_terminate_backend of service connections, a fast PostgreSQL restart, and a
-# 10-second stall of one instance (SIGSTOP/SIGCONT: it needs no root, and to the database and the
-# other instances it looks like a network partition of that instance). Every change of a job's status
+# leases, remote workers (examples/worker.py, two per instance) on a queue no instance serves itself,
+# and a load generator (scripts/chaos.py) that inserts jobs through the API and psql, with unique
+# keys, cancels and retries. Handlers: builtin (fast), slow and flaky commands, the drill handler
+# panicking on demand, and the remote workers. Faults come at random moments: kill -9 and SIGTERM of
+# instances (restarted after), kill -9 of remote workers (restarted after), pg_terminate_backend of
+# service connections, a fast PostgreSQL restart, and a 10-second stall of one instance
+# (SIGSTOP/SIGCONT: it needs no root, and to the database, the other instances and its remote workers
+# it looks like a network partition of that instance). Every change of a job's status
 # is recorded by a trigger into chaos_events; at the end, after the drain, scripts/chaos.py checks the
 # invariants from the database alone, prints one line of figures and fails on any violation.
 set -euo pipefail
@@ -69,12 +72,16 @@ db_url="postgres://postgres@127.0.0.1:$pg_port/chaos"
 psql_q() { psql -X -q -v ON_ERROR_STOP=1 -t -A "$@"; }
 
 # --- processes and clean-up -------------------------------------------------------------------------
-declare -a pids=() ports=() ids=()
+declare -a pids=() ports=() ids=() wpids=()
 load_pid=
+nworkers=6
 cleanup() {
     local rc=$?
     set +e
     [[ -n $load_pid ]] && kill "$load_pid" 2>/dev/null
+    for w in "${!wpids[@]}"; do
+        [[ -n ${wpids[$w]} ]] && kill -KILL "${wpids[$w]}" 2>/dev/null && wait "${wpids[$w]}" 2>/dev/null
+    done
     for i in 0 1 2; do
         if [[ -n ${pids[$i]:-} ]]; then
             kill -CONT "${pids[$i]}" 2>/dev/null
@@ -161,9 +168,16 @@ timeout = "10s"
 max_attempts = 4
 backoff = "200ms"
 backoff_max = "1s"
+
+# Panics on a job's first panic_attempts attempts (0 to 3, drawn by the load generator): 3 fails it.
+[queues.panicky]
+concurrency = 4
+handler = "drill"
+max_attempts = 3
+backoff = "100ms"
+backoff_max = "500ms"
 TOML
-# Remote workers (POST /queues/{q}/claim, issue 7) are not on main yet. HOOK: once they are, add a
-# [queues.remote] with no in-process handler and start examples/worker.py against each instance here.
+# The queue `remote` has no entry: no instance runs its jobs; only the remote workers below claim them.
 
 # --- instances --------------------------------------------------------------------------------------
 for i in 0 1 2; do ports[$i]=$(free_port); ids[$i]=chaos-$((i + 1)); done
@@ -188,10 +202,36 @@ wait_ready() {
     log "${ids[$i]} not ready after 20 s"; return 1
 }
 alive() { [[ -n ${pids[$1]:-} ]] && kill -0 "${pids[$1]}" 2>/dev/null; }
-# Any instance that is not running (killed, stopped by SIGTERM, or exited by itself) is started again.
+
+# Remote workers: examples/worker.py (through `chaos.py remote`, which gives it a recording `work`),
+# worker w talking to instance w % 3 only, so each rides out its instance's deaths and stalls.
+start_worker() {
+    local w=$1 i=$(($1 % 3))
+    CHAOS_DIR=$dir JOBQUEUE_URL=http://127.0.0.1:${ports[$i]} JOBQUEUE_QUEUE=remote \
+        JOBQUEUE_WORKER=remote-$((w + 1)) JOBQUEUE_LEASE_SECS=2 \
+        python3 scripts/chaos.py remote --exec-log "$dir/exec.log" >>"$dir/logs/remote-$((w + 1)).log" 2>&1 &
+    wpids[$w]=$!
+}
+worker_alive() { [[ -n ${wpids[$1]:-} ]] && kill -0 "${wpids[$1]}" 2>/dev/null; }
+declare -a wexpected=()
+worker_exits=0
+
+# Any instance or worker that is not running (killed, stopped by SIGTERM, or exited by itself) is
+# started again.
 unexpected_exits=0
 revive() {
-    local i rc
+    local i rc w
+    for w in $(seq 0 $((nworkers - 1))); do
+        if ! worker_alive "$w"; then
+            rc=0; wait "${wpids[$w]}" 2>/dev/null || rc=$?
+            if [[ ${wexpected[$w]:-0} == 0 ]]; then
+                worker_exits=$((worker_exits + 1))
+                log "remote-$((w + 1)) exited by itself (status $rc); restarting"; tail -n 5 "$dir/logs/remote-$((w + 1)).log" >&2
+            fi
+            wexpected[$w]=0
+            start_worker "$w"
+        fi
+    done
     for i in 0 1 2; do
         if ! alive "$i"; then
             rc=0; wait "${pids[$i]}" 2>/dev/null || rc=$?
@@ -213,6 +253,7 @@ DATABASE_URL=$db_url "$bin" migrate >"$dir/logs/migrate.log" 2>&1 || { cat "$dir
 psql_q -f scripts/chaos.sql >/dev/null
 for i in 0 1 2; do start_instance "$i"; done
 for i in 0 1 2; do wait_ready "$i"; done
+for w in $(seq 0 $((nworkers - 1))); do start_worker "$w"; done
 
 # --- load and faults --------------------------------------------------------------------------------
 urls=$(printf 'http://127.0.0.1:%s,' "${ports[@]}")
@@ -221,10 +262,15 @@ python3 scripts/chaos.py load --urls "${urls%,}" --duration "$secs" --out "$dir/
 load_pid=$!
 log "seed=$seed duration=${secs}s postgres=127.0.0.1:$pg_port instances=${ports[*]}"
 
-declare -A faults=([kill9]=0 [term]=0 [pgkill]=0 [pgrestart]=0 [stall]=0)
+declare -A faults=([kill9]=0 [term]=0 [pgkill]=0 [pgrestart]=0 [stall]=0 [wkill]=0)
 fault() {
     local kind=$1 i
     case $kind in
+        wkill)
+            # A remote worker dies mid-job: its lease runs out and the job goes back to the queue.
+            i=$((RANDOM % nworkers)); worker_alive "$i" || return 0
+            log "kill -9 remote-$((i + 1))"; wexpected[$i]=1; kill -KILL "${wpids[$i]}"
+            sleep 0.$((RANDOM % 10)); revive ;;
         kill9)
             i=$((RANDOM % 3)); alive "$i" || return 0
             log "kill -9 ${ids[$i]}"; expected[$i]=1; kill -KILL "${pids[$i]}"
@@ -254,12 +300,12 @@ fault() {
 }
 
 end=$((SECONDS + secs))
-kinds=(kill9 term pgkill pgrestart stall)
+kinds=(kill9 term pgkill pgrestart stall wkill)
 # Every kind once, in a random order, then at random (weighted towards the cheap ones).
 order=()
 for k in "${kinds[@]}"; do order+=("$((RANDOM)) $k"); done
 mapfile -t first < <(printf '%s\n' "${order[@]}" | sort -n | cut -d' ' -f2)
-weighted=(kill9 kill9 term term pgkill pgkill pgkill pgrestart stall)
+weighted=(kill9 kill9 term term pgkill pgkill pgkill pgrestart stall wkill)
 n=0
 sleep 2
 while (( SECONDS < end )); do
@@ -287,6 +333,9 @@ for _ in $(seq 1 240); do
     revive
 done
 [[ $drained == 1 ]] || log "not drained after 120 s ($left jobs left): the checker will say which"
+# Workers first: with nothing left to claim they are idle, and a long-poll that is cut claims nothing.
+for w in $(seq 0 $((nworkers - 1))); do wexpected[$w]=1; kill -TERM "${wpids[$w]}" 2>/dev/null || true; done
+for w in $(seq 0 $((nworkers - 1))); do wait "${wpids[$w]}" 2>/dev/null || true; wpids[$w]=; done
 for i in 0 1 2; do expected[$i]=1; kill -TERM "${pids[$i]}" 2>/dev/null || true; done
 for i in 0 1 2; do
     for _ in $(seq 1 200); do alive "$i" || break; sleep 0.1; done
@@ -302,5 +351,5 @@ if [[ ${CHAOS_INJECT:-0} == 1 ]]; then
     psql_q -c "UPDATE jobs SET status = 'processing', locked_by = 'intruder', locked_until = now(), finished_at = NULL WHERE id = (SELECT id FROM jobs WHERE status = 'done' LIMIT 1)" >/dev/null
 fi
 python3 scripts/chaos.py check --accepted "$dir/accepted.tsv" --exec-log "$dir/exec.log" \
-    --faults "kill9=${faults[kill9]} term=${faults[term]} pgkill=${faults[pgkill]} pgrestart=${faults[pgrestart]} stall=${faults[stall]}" \
-    --unexpected-exits "$unexpected_exits"
+    --faults "kill9=${faults[kill9]} term=${faults[term]} pgkill=${faults[pgkill]} pgrestart=${faults[pgrestart]} stall=${faults[stall]} wkill=${faults[wkill]}" \
+    --unexpected-exits "$unexpected_exits" --worker-exits "$worker_exits"

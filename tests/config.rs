@@ -180,3 +180,52 @@ command = ["/bin/sh", "{script}"]
     assert_eq!((got.len(), got[0].path.as_str()), (1, "/deliver"));
     assert!(got[0].header("Jobqueue-Signature").is_some_and(|s| s.starts_with("t=")));
 }
+
+/// The `drill` handler (for fault drills) panics on the attempts the payload asks for: each panic ends
+/// its attempt as a retryable error, the job is retried, and the real process keeps serving.
+#[tokio::test]
+async fn the_drill_handler_panics_on_demand_and_the_instance_lives_on() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let file = TempFile::new(
+        "jobqueue.toml",
+        "poll_interval = \"200ms\"\n[queues.drill]\nhandler = \"drill\"\nmax_attempts = 3\nbackoff = \"10ms\"\nbackoff_max = \"10ms\"\n",
+    );
+    let env: Vec<_> = db.env().into_iter().chain([("INSTANCE_ID".to_string(), "drill-1".to_string())]).collect();
+    let mut proc = Proc::jobqueue("drill", &["--config", file.path(), "serve"], &env);
+    let addr = proc.api_addr().await;
+    let mut ids = Vec::new();
+    for panics in [0, 2, 5] {
+        let sql = "INSERT INTO jobs (queue, payload) VALUES ('drill', $1) RETURNING id";
+        ids.push(c.query_one(sql, &[&json!({ "panic_attempts": panics })]).await.unwrap().get::<_, Uuid>(0));
+    }
+    let finished = "SELECT count(*) FROM jobs WHERE status IN ('done', 'failed')";
+    common::wait_count(&c, Duration::from_secs(30), "the drill jobs finished", finished, 3).await;
+    let rows = c
+        .query(
+            "SELECT status, attempts, result, errors FROM jobs WHERE id = ANY($1) ORDER BY array_position($1, id)",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32, Option<Value>, Value)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    // The result names the job, the attempt that ran and the holder (the process's INSTANCE_ID).
+    let result = |id: Uuid, attempt: i32| Some(json!({ "job": id, "attempt": attempt, "instance": "drill-1" }));
+    assert_eq!((got[0].0.as_str(), got[0].1, got[0].2.clone()), ("done", 1, result(ids[0], 1)));
+    assert_eq!((got[1].0.as_str(), got[1].1, got[1].2.clone()), ("done", 3, result(ids[1], 3)));
+    assert_eq!((got[2].0.as_str(), got[2].1, got[2].2.clone()), ("failed", 3, None));
+    for (errors, n) in [(&got[1].3, 2), (&got[2].3, 3)] {
+        let errors = errors.as_array().unwrap();
+        assert_eq!(errors.len(), n, "{errors:?}");
+        for e in errors {
+            let text = e["error"].as_str().unwrap();
+            assert!(text.starts_with("handler panicked") && text.contains("panic_attempts"), "{text}");
+        }
+    }
+    // Five panics later the process still serves and still runs.
+    assert_eq!(common::http(addr, "GET", "/healthz", None).await.status, 200);
+    assert!(proc.child.try_wait().unwrap().is_none(), "the instance is still running");
+    proc.signal("TERM");
+    assert_eq!(proc.wait(Duration::from_secs(30)).await, Some(0));
+}

@@ -107,6 +107,47 @@ async fn the_python_example_works_jobs_heartbeats_and_fails() {
     service.stop().await.expect("stops cleanly");
 }
 
+/// The instance a Python worker talks to goes away while the worker runs a job, and comes back on the
+/// same address: the worker rides it out (its `complete` is retried until the new instance answers)
+/// and the result lands, within the lease, as the job's one and only attempt.
+#[tokio::test]
+async fn the_python_example_survives_a_restart_of_its_instance() {
+    if !installed("python3") {
+        eprintln!("\n!!! SKIPPED: python3 is not installed; examples/worker.py was NOT tested !!!\n");
+        return;
+    }
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let first = Builder::new(db.config(1)).start().await.unwrap();
+    let addr = first.local_addr().unwrap();
+    let id = insert(&c, json!({"sleep": 3}), None).await;
+    let worker = Worker::start("python3", "worker.py", &format!("http://{addr}"), 30);
+    let claimed = "SELECT count(*) FROM jobs WHERE status = 'processing'";
+    wait_count(&c, Duration::from_secs(30), "the worker claimed the job", claimed, 1).await;
+    first.stop().await.expect("stops cleanly");
+    // The job ends while nothing listens: the worker's complete must fail and be retried.
+    common::eventually(Duration::from_secs(30), "the worker retries its complete", || async {
+        worker.output().contains("/complete: ").then_some(())
+    })
+    .await;
+    assert_eq!(count(&c, claimed).await, 1, "the job is still held while the instance is down");
+    let second = Builder::new(Config { port: addr.port(), ..db.config(1) }).start().await.unwrap();
+    let done = "SELECT count(*) FROM jobs WHERE status = 'done'";
+    wait_count(&c, Duration::from_secs(30), "the retried complete landed", done, 1).await;
+    let job = job(&c, id).await;
+    assert_eq!(
+        (job["attempts"].clone(), job["errors"].clone(), job["result"].clone()),
+        (json!(1), json!([]), json!({"echo": {"sleep": 3}, "worker": "worker.py"}))
+    );
+    // The row is written before the answer reaches the worker, which prints it after.
+    common::eventually(Duration::from_secs(30), "the worker got the 200 of its retried complete", || async {
+        worker.output().contains("complete -> 200 done").then_some(())
+    })
+    .await;
+    drop(worker);
+    second.stop().await.expect("stops cleanly");
+}
+
 #[tokio::test]
 async fn the_shell_example_works_jobs_and_fails() {
     if !installed("jq") || !installed("curl") {

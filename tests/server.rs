@@ -25,8 +25,8 @@ async fn raw_exchange(addr: SocketAddr, raw: &[u8], within: Duration) -> String 
 }
 
 /// Clients that send half a request and vanish, send garbage, or reset the connection are their own
-/// problem: the server says nothing above debug level about them, and every line it does write
-/// carries `instance`.
+/// problem: the server logs nothing about them as an error or as a request, and every line it does
+/// write carries `instance`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_clients_do_not_flood_the_log() {
     let db = TestDb::new().await;
@@ -234,4 +234,76 @@ async fn ambiguous_body_framing_is_refused() {
     assert_eq!(r.matches("HTTP/1.1 201").count(), 2, "{r}");
     assert_eq!(r.matches("HTTP/1.1 200").count(), 1, "{r}");
     assert_eq!(common::count(&db.client().await, "SELECT count(*) FROM jobs").await, 2);
+}
+
+/// Client misbehaviour is visible to an operator at info level, rate-limited: 200 slow or broken
+/// connections of four kinds make at most a couple of lines per kind (one per window, and the tail at
+/// shutdown), each line counting the events it did not show (`suppressed`), so that the lines of a
+/// kind add up to what the clients did. Every line carries `instance`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_misbehaviour_is_logged_at_info_rate_limited() {
+    const PER_KIND: u64 = 50;
+    let db = TestDb::new().await;
+    let env = with(&db, &[("HTTP_HEADER_TIMEOUT", "1s"), ("HTTP_BODY_TIMEOUT", "1s")]);
+    let mut p = Proc::jobqueue("noise", &["serve"], &env);
+    let addr = p.api_addr().await;
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..4 * PER_KIND {
+        clients.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let sent: &[u8] = match i % 4 {
+                // Part of a head, then nothing: cut at the header timeout.
+                0 => b"POST /jobs HTTP/1.1\r\nHost: x\r\nX-Slow: a",
+                // A body promised and never sent whole: 408 at the body timeout.
+                1 => b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pay",
+                // Not HTTP at all: 400.
+                2 => b"\x16\x03\x01\x02\x00garbage\r\n\r\n",
+                // Half a request line, then a reset.
+                _ => b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Le",
+            };
+            s.write_all(sent).await.unwrap();
+            if i % 4 == 3 {
+                s.set_zero_linger().unwrap();
+                return;
+            }
+            // Until the server answers and closes.
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+        });
+    }
+    while let Some(r) = clients.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(http(addr, "GET", "/healthz", None).await.status, 200);
+    p.signal("TERM");
+    assert_eq!(p.wait(Duration::from_secs(60)).await, Some(0));
+    let elapsed = started.elapsed();
+
+    let records = p.log_records();
+    for r in &records {
+        assert!(r["instance"].is_string(), "every line names the instance: {r}");
+        let level = r["level"].as_str().unwrap_or_default();
+        assert!(!matches!(level, "ERRO" | "CRIT"), "client misbehaviour logged as an error: {r}");
+    }
+    let window = jobqueue::api::noise::WINDOW.as_secs();
+    let most_lines = elapsed.as_secs() / window + 2;
+    for kind in ["slow_head", "slow_body", "malformed", "broken_off"] {
+        let lines: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == kind).collect();
+        assert!(!lines.is_empty(), "{kind}: reported at least once");
+        assert!(lines.len() as u64 <= most_lines, "{kind}: {} lines in {elapsed:?}: {lines:?}", lines.len());
+        let mut events = 0;
+        for l in &lines {
+            assert_eq!(l["level"], "INFO", "{l}");
+            let suppressed = l["suppressed"].as_u64().unwrap_or_else(|| panic!("a suppressed count: {l}"));
+            // A line with a peer shows one event besides those it counts; the shutdown's tail only counts.
+            events += suppressed + u64::from(l["peer"].is_string());
+        }
+        // A connection reset before the server accepted it is never seen at all.
+        if kind == "broken_off" {
+            assert!((1..=PER_KIND).contains(&events), "{kind}: {events} events: {lines:?}");
+        } else {
+            assert_eq!(events, PER_KIND, "{kind}: the lines add up to the clients: {lines:?}");
+        }
+    }
 }

@@ -102,6 +102,19 @@ impl ApiError {
         .close_connection()
     }
 
+    /// The client's misbehaviour this error answers, if it is one: a body that broke off or came too
+    /// slowly. Such errors are reported rate-limited (see [`super::noise`]), not one line each.
+    pub fn client_fault(&self) -> Option<super::noise::Misbehaviour> {
+        use super::noise::Misbehaviour;
+        if self.client_gone {
+            Some(Misbehaviour::BrokenOff)
+        } else if self.status == StatusCode::REQUEST_TIMEOUT {
+            Some(Misbehaviour::SlowBody)
+        } else {
+            None
+        }
+    }
+
     pub fn close_connection(mut self) -> Self {
         self.close = true;
         self

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -22,18 +23,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest head the scanner keeps; hyper refuses larger ones anyway (431).
 const MAX_HEAD: usize = 64 * 1024;
 
-/// One verdict per request head, in order: true when the request is ambiguous.
+/// One verdict per request head, in order: true when the request is ambiguous. Also says whether part
+/// of a head has arrived, so that a header timeout can be told apart: a slow client (bytes of a head
+/// came, not all) or an idle keep-alive connection (nothing came), which is no misbehaviour.
 #[derive(Clone, Default)]
-pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
+pub struct Verdicts(Arc<VerdictsInner>);
+
+#[derive(Default)]
+struct VerdictsInner {
+    queue: Mutex<VecDeque<bool>>,
+    mid_head: AtomicBool,
+}
 
 impl Verdicts {
     /// The verdict on the next request hyper hands to the service.
     pub fn next(&self) -> bool {
-        self.0.lock().expect("verdicts poisoned").pop_front().unwrap_or(false)
+        self.0.queue.lock().expect("verdicts poisoned").pop_front().unwrap_or(false)
+    }
+
+    /// Whether the connection has sent part of a request head and not the rest.
+    pub fn mid_head(&self) -> bool {
+        self.0.mid_head.load(Ordering::Relaxed)
     }
 
     fn push(&self, ambiguous: bool) {
-        self.0.lock().expect("verdicts poisoned").push_back(ambiguous);
+        self.0.queue.lock().expect("verdicts poisoned").push_back(ambiguous);
     }
 }
 
@@ -64,8 +78,15 @@ impl<S> Watch<S> {
         Watch { inner, state: State::Head(Vec::new()), verdicts }
     }
 
-    /// Follows the framing over `data`, recording a verdict for every complete head.
-    fn scan(&mut self, mut data: &[u8]) {
+    /// Follows the framing over `data`, recording a verdict for every complete head, and whether a
+    /// head is left half-sent.
+    fn scan(&mut self, data: &[u8]) {
+        self.follow(data);
+        let mid_head = matches!(&self.state, State::Head(buf) if !buf.is_empty());
+        self.verdicts.0.mid_head.store(mid_head, Ordering::Relaxed);
+    }
+
+    fn follow(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match &mut self.state {
                 State::Done => return,
@@ -215,7 +236,7 @@ mod tests {
             w.scan(c);
         }
         let mut out = Vec::new();
-        while !v.0.lock().unwrap().is_empty() {
+        while !v.0.queue.lock().unwrap().is_empty() {
             out.push(v.next());
         }
         out
@@ -230,6 +251,21 @@ POST /d HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n
         // The same bytes one at a time.
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(verdicts_of(&bytes), [false, false, false, true]);
+    }
+
+    #[test]
+    fn a_half_sent_head_is_told_from_an_idle_connection() {
+        let v = Verdicts::default();
+        let mut w = Watch::new((), v.clone());
+        assert!(!v.mid_head(), "nothing sent yet");
+        w.scan(b"POST /a HTTP/1.1\r\nHost: x\r\nX-Slow: a");
+        assert!(v.mid_head());
+        w.scan(b"a\r\nContent-Length: 2\r\n\r\n");
+        assert!(!v.mid_head(), "the head is complete; the body is not part of it");
+        w.scan(b"{}");
+        assert!(!v.mid_head(), "idle between requests");
+        w.scan(b"G");
+        assert!(v.mid_head());
     }
 
     #[test]

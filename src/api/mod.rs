@@ -11,6 +11,7 @@ pub(crate) mod access;
 pub mod error;
 mod framing;
 pub(crate) mod jobs;
+pub mod noise;
 pub mod openapi;
 mod queues;
 mod remote;
@@ -90,17 +91,18 @@ pub fn routes(
                 let started = Instant::now();
                 let query = serde_urlencoded::from_str(&query).map_err(|e| e.to_string());
                 let req = Request { method, path: path.as_str().to_string(), query, headers };
-                let (mut resp, client_gone) = match route(&state, &req, body).await {
-                    Ok(resp) => (resp, false),
+                let (mut resp, fault) = match route(&state, &req, body).await {
+                    Ok(resp) => (resp, None),
                     Err(e) => {
-                        let gone = e.client_gone;
-                        (e.into_response(&state.log), gone)
+                        let fault = e.client_fault();
+                        (e.into_response(&state.log), fault)
                     }
                 };
                 if let Some(origin) = access::allowed_origin(&state.cors_origins, &req.headers) {
                     access::add_cors(resp.headers_mut(), origin);
                 }
-                // A client that broke off mid-request is its own problem: one debug line, so that a
+                // A client that broke off mid-request or sent its body too slowly is its own problem:
+                // a debug line here, and the server reports it, rate-limited (see `noise`), so that a
                 // flood of them (a slowloris run) cannot flood the log.
                 let (status, latency_ms) =
                     (resp.status().as_u16(), (started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
@@ -110,7 +112,8 @@ pub fn routes(
                     status,
                     started.elapsed().as_secs_f64(),
                 );
-                if client_gone {
+                if let Some(fault) = fault {
+                    resp.extensions_mut().insert(noise::ClientFault(fault));
                     debug!(state.log, "request"; "method" => req.method.as_str(), "path" => path,
                            "status" => status, "latency_ms" => latency_ms);
                 } else {

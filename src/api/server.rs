@@ -3,9 +3,11 @@
 //! warp's own `serve` gives no hold on the things a server exposed to real clients must bound: how
 //! many connections are open, how long a client may take to send its headers, how large they may be;
 //! and it logs every client's misbehaviour (a reset, a half-sent request) at ERROR level without the
-//! instance's name. This loop owns those decisions. Client misbehaviour is logged at debug level:
-//! it is the client's problem, and a flood of it must not drown the log.
+//! instance's name. This loop owns those decisions. Client misbehaviour is the client's problem, and a
+//! flood of it must not drown the log: it goes to [`super::noise`], which logs each kind at info level
+//! at most once per window, with a count of what it did not show.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use warp::reply::Response;
 use warp::Filter;
 
 use super::framing::{Verdicts, Watch};
+use super::noise::{ClientFault, Misbehaviour, Noise};
 use crate::config::HttpLimits;
 use crate::supervisor::TaskResult;
 use hyper::service::Service as _;
@@ -49,6 +52,8 @@ where
     F: Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
 {
     let log = log.new(slog::o!("component" => "http"));
+    let noise = Arc::new(Noise::new(log.clone()));
+    let mut flush = tokio::time::interval(super::noise::WINDOW);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -56,6 +61,10 @@ where
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = flush.tick() => {
+                noise.flush(false);
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(pair) => {
                     accept_backoff = Duration::from_millis(10);
@@ -74,7 +83,7 @@ where
         // Reap connections that have ended, so the set stays as large as what is open.
         while connections.try_join_next().is_some() {}
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            debug!(log, "connection refused: too many open"; "peer" => %peer);
+            noise.report(Misbehaviour::OverConnectionLimit, peer, &limits.max_connections);
             // A fresh socket's send buffer is empty: this never blocks. Whatever is not written is lost
             // with the connection, which is what the client would get anyway.
             let _ = stream.try_write(BUSY);
@@ -82,18 +91,31 @@ where
         };
         let _ = stream.set_nodelay(true);
         let verdicts = Verdicts::default();
+        // Set once this connection's misbehaviour was reported, so that the error hyper then ends the
+        // connection with (a body cut off) does not count the same client twice.
+        let reported = Arc::new(AtomicBool::new(false));
         let warp_service = TowerToHyperService::new(warp::service(filter.clone()));
         let service = {
-            let verdicts = verdicts.clone();
+            let (verdicts, noise, reported) = (verdicts.clone(), noise.clone(), reported.clone());
             hyper::service::service_fn(move |req| {
                 // Decided beneath hyper, which drops Content-Length before the service could see both.
                 let ambiguous = verdicts.next();
                 let answer = (!ambiguous).then(|| warp_service.call(req));
+                let (noise, reported) = (noise.clone(), reported.clone());
                 async move {
-                    match answer {
-                        Some(answer) => answer.await,
-                        None => Ok(ambiguous_request()),
+                    let Some(answer) = answer else {
+                        reported.store(true, Ordering::Relaxed);
+                        noise.report(Misbehaviour::Malformed, peer, &"both Transfer-Encoding and Content-Length");
+                        return Ok(ambiguous_request());
+                    };
+                    let resp = answer.await;
+                    if let Ok(resp) = &resp {
+                        if let Some(ClientFault(what)) = resp.extensions().get::<ClientFault>() {
+                            reported.store(true, Ordering::Relaxed);
+                            noise.report(*what, peer, &resp.status());
+                        }
                     }
+                    resp
                 }
             })
         };
@@ -104,11 +126,14 @@ where
             .max_headers(MAX_HEADERS)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(Watch::new(stream, verdicts)), service));
-        let log = log.clone();
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(Watch::new(stream, verdicts.clone())), service));
+        let (log, noise) = (log.clone(), noise.clone());
         connections.spawn(async move {
             if let Err(e) = conn.await {
-                debug!(log, "connection ended with an error"; "peer" => %peer, "err" => %e);
+                match misbehaviour(&e, verdicts.mid_head()) {
+                    Some(what) if !reported.load(Ordering::Relaxed) => noise.report(what, peer, &e),
+                    _ => debug!(log, "connection ended with an error"; "peer" => %peer, "err" => %e),
+                }
             }
             drop(permit);
         });
@@ -122,7 +147,23 @@ where
         warn!(log, "connections still open after the drain; closing them"; "count" => connections.len());
     }
     connections.shutdown().await;
+    // The tail of a flood, whatever the window: the last word on it before the instance goes.
+    noise.flush(true);
     Ok(())
+}
+
+/// What the error a connection ended with says about its client, if anything. A header timeout with
+/// nothing of a head received is an idle keep-alive connection being closed: ordinary, not reported.
+fn misbehaviour(e: &hyper::Error, mid_head: bool) -> Option<Misbehaviour> {
+    if e.is_timeout() {
+        mid_head.then_some(Misbehaviour::SlowHead)
+    } else if e.is_parse() || e.is_parse_too_large() {
+        // hyper has answered 400 or 431.
+        Some(Misbehaviour::Malformed)
+    } else {
+        // Closed mid-request, reset, a broken pipe while we answered.
+        Some(Misbehaviour::BrokenOff)
+    }
 }
 
 /// The answer to a request with both Transfer-Encoding and Content-Length (see [`super::framing`]):

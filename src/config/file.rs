@@ -4,7 +4,7 @@
 //! job_timeout = "1m"                # any setting, under its environment variable's name in lower case
 //! [queues.email]
 //! concurrency = 32
-//! handler = "webhook"               # builtin (the default), webhook or command
+//! handler = "webhook"               # builtin (the default), webhook, command or drill
 //! url = "https://mailer.internal/jobs"
 //! secret_env = "EMAIL_HOOK_SECRET"  # or secret = "..."
 //! ```
@@ -243,6 +243,7 @@ fn parse_queue(name: &str, mut t: Table) -> Result<FileQueue, String> {
     only_for(&["command"], "command")?;
     let handler = match kind.as_str() {
         "builtin" => HandlerSpec::Builtin,
+        "drill" => HandlerSpec::Drill,
         "webhook" => {
             let url = string(&t, "url")?.ok_or("url: required for handler = \"webhook\"")?;
             check_url(&url).map_err(|why| format!("url: {why}, got {url:?}"))?;
@@ -280,7 +281,9 @@ fn parse_queue(name: &str, mut t: Table) -> Result<FileQueue, String> {
             }
             HandlerSpec::Command { argv }
         }
-        other => return Err(format!("handler: expected \"builtin\", \"webhook\" or \"command\", got {other:?}")),
+        other => {
+            return Err(format!("handler: expected \"builtin\", \"webhook\", \"command\" or \"drill\", got {other:?}"))
+        }
     };
     Ok(FileQueue { name: name.to_string(), concurrency, max_attempts, backoff, backoff_max, jitter, timeout, handler })
 }

@@ -89,6 +89,8 @@ pub enum HandlerSpec {
     Webhook { url: String, secret: Secret },
     /// Run `argv` (no shell) with the payload on stdin.
     Command { argv: Vec<String> },
+    /// Answer with the job, attempt and holder; panic on the attempts the payload asks for.
+    Drill,
 }
 
 impl HandlerSpec {
@@ -97,6 +99,7 @@ impl HandlerSpec {
             HandlerSpec::Builtin => "builtin",
             HandlerSpec::Webhook { .. } => "webhook",
             HandlerSpec::Command { .. } => "command",
+            HandlerSpec::Drill => "drill",
         }
     }
 }

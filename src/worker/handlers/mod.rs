@@ -1,8 +1,9 @@
 //! The handlers `jobqueue serve` can run for a queue, chosen by `handler = ...` in the config file:
-//! `builtin` (the original service's), [`webhook`] and [`command`]. Rust programs embedding the library
-//! register [`Handler`]s of their own instead.
+//! `builtin` (the original service's), [`webhook`], [`command`] and [`drill`] (for fault drills). Rust
+//! programs embedding the library register [`Handler`]s of their own instead.
 
 pub mod command;
+pub mod drill;
 pub mod webhook;
 
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub fn for_spec(spec: &HandlerSpec, client: &reqwest::Client) -> Result<ServerHa
             Box::new(webhook::WebhookHandler::new(client.clone(), url, secret.clone()))
         }
         HandlerSpec::Command { argv } => Box::new(command::CommandHandler::new(argv.clone())),
+        HandlerSpec::Drill => Box::new(drill::DrillHandler),
     }))
 }
 
