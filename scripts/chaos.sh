@@ -50,6 +50,11 @@ if [[ $(id -u) == 0 ]]; then
 fi
 bindir=$(_pg_bindir) || { echo "chaos: PostgreSQL server binaries not found (see scripts/pg.sh)" >&2; exit 1; }
 
+# One run at a time per checkout: a second would stop the first's cluster and delete its files.
+mkdir -p "$top/target"
+exec 9>"$top/target/chaos.lock"
+flock -n 9 || { echo "chaos: another chaos run is using $dir; wait for it to end" >&2; exit 1; }
+
 # A previous run that was killed may have left its cluster running.
 if [[ -f $data/postmaster.pid ]]; then
     "${as[@]}" "$bindir/pg_ctl" -D "$data" -m immediate -w -t 30 stop >/dev/null 2>&1 || true
