@@ -50,10 +50,15 @@ if [[ $(id -u) == 0 ]]; then
 fi
 bindir=$(_pg_bindir) || { echo "chaos: PostgreSQL server binaries not found (see scripts/pg.sh)" >&2; exit 1; }
 
-# One run at a time per checkout: a second would stop the first's cluster and delete its files.
+# One run at a time per checkout: a second would stop the first's cluster and delete its files. (A
+# pid file rather than flock: the cluster and the instances would inherit a lock's descriptor and
+# hold it after a killed run.)
 mkdir -p "$top/target"
-exec 9>"$top/target/chaos.lock"
-flock -n 9 || { echo "chaos: another chaos run is using $dir; wait for it to end" >&2; exit 1; }
+if [[ -f $top/target/chaos.pid ]] && kill -0 "$(cat "$top/target/chaos.pid")" 2>/dev/null; then
+    echo "chaos: another chaos run (pid $(cat "$top/target/chaos.pid")) is using $dir; wait for it to end" >&2
+    exit 1
+fi
+echo $$ >"$top/target/chaos.pid"
 
 # A previous run that was killed may have left its cluster running.
 if [[ -f $data/postmaster.pid ]]; then
