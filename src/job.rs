@@ -87,7 +87,7 @@ impl JobStatus {
     }
 }
 
-/// Stored as text; reading anything but the five names is an error (a schema this code does not know),
+/// Stored as text; reading anything but the six names is an error (a schema this code does not know),
 /// never silently some other status.
 impl tokio_postgres::types::FromSql<'_> for JobStatus {
     fn from_sql(

@@ -34,6 +34,15 @@ where
     (resp.status().as_u16(), serde_json::from_slice(resp.body()).unwrap())
 }
 
+async fn get<F>(api: &F, path: &str) -> Value
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+{
+    let resp = warp::test::request().method("GET").path(path).reply(api).await;
+    assert_eq!(resp.status(), 200, "{path}");
+    serde_json::from_slice(resp.body()).unwrap()
+}
+
 fn ids(body: &Value) -> Vec<Uuid> {
     body.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().parse().unwrap()).collect()
 }
@@ -222,6 +231,11 @@ async fn parents_already_done_count_as_satisfied_and_cancelling_a_waiting_job_ca
     .await;
     assert_eq!(status, 201, "{body}");
     let ids = ids(&body);
+    let w = get(&api, &format!("/jobs/{}", ids[1])).await;
+    assert_eq!((w["status"].as_str(), w["after"].clone()), (Some("waiting"), json!([ids[0]])), "{w}");
+    assert_eq!(w["waiting_dependants"], 1, "{w}");
+    let p = get(&api, &format!("/jobs/{}", ids[0])).await;
+    assert_eq!((p["after"].clone(), p["waiting_dependants"].clone()), (Value::Null, json!(1)), "{p}");
     let (status, body) = post(&api, &format!("/jobs/{}/cancel", ids[1]), json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled");

@@ -224,7 +224,29 @@ pub(super) async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Res
         }
         _ => job,
     };
-    Ok(reply(StatusCode::OK, &job))
+    let (after, waiting_dependants) = within(state, async {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        Ok(queries::job_dependencies_of(&*client, id).await?)
+    })
+    .await?;
+    Ok(reply(StatusCode::OK, &JobDetail { job: &job, after, waiting_dependants }))
+}
+
+/// A job as `GET /jobs/{id}` shows it: every field of [`Job`], plus its parents and how many jobs
+/// still wait for it, each only when there is something to show: a job outside any workflow reads
+/// exactly as before.
+#[derive(serde::Serialize)]
+struct JobDetail<'a> {
+    #[serde(flatten)]
+    job: &'a Job,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    after: Vec<Uuid>,
+    #[serde(skip_serializing_if = "is_zero")]
+    waiting_dependants: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
@@ -272,7 +294,7 @@ pub(crate) fn list_filter(
         None => None,
         Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "status={s:?}: expected pending, processing, done, failed or cancelled (or todo, in_progress)"
+                "status={s:?}: expected waiting, pending, processing, done, failed or cancelled (or todo, in_progress)"
             ))
         })?),
     };

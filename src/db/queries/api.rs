@@ -163,6 +163,17 @@ pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job
     row.as_ref().map(job_from_row).transpose()
 }
 
+/// A job's parents (in id order) and the number of waiting jobs that wait for it.
+const JOB_DEPENDENCIES_OF: &str = "
+SELECT array(SELECT parent FROM job_dependencies WHERE child = $1 ORDER BY parent),
+       (SELECT count(*) FROM job_dependencies d JOIN jobs_active c ON c.id = d.child
+        WHERE d.parent = $1 AND c.status = 'waiting')";
+
+pub async fn job_dependencies_of(client: &impl GenericClient, id: Uuid) -> Result<(Vec<Uuid>, i64), DbError> {
+    let row = client.query_one(JOB_DEPENDENCIES_OF, &[&id]).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
 /// Filters for [`job_list`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
