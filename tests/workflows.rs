@@ -266,3 +266,30 @@ async fn bad_parents_are_400s() {
     let c = db.client().await;
     assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 0, "all or nothing");
 }
+
+#[tokio::test]
+async fn retention_keeps_a_finished_parent_that_a_waiting_job_needs() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let api = api(&db.url);
+    let (status, body) = post(
+        &api,
+        "/jobs/batch",
+        json!([{"payload": "x"}, {"payload": "y"}, {"payload": "unrelated"}, {"payload": "child", "after": ["$0", "$1"]}]),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let ids = ids(&body);
+    // x and the unrelated job finished long ago (bypassing the release, as psql would); y still runs.
+    c.execute(
+        "UPDATE jobs SET status = 'done', finished_at = now() - interval '1 day' WHERE id = ANY($1)",
+        &[&vec![ids[0], ids[2]]],
+    )
+    .await
+    .unwrap();
+    let deleted =
+        jobqueue::db::queries::job_delete_expired(&c, Some(Duration::from_secs(60)), None, None, 100).await.unwrap();
+    assert_eq!(deleted, 1, "only the unrelated job");
+    assert_eq!(count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{}'", ids[0])).await, 1);
+    assert_eq!(count(&c, "SELECT count(*) FROM job_dependencies").await, 2);
+}

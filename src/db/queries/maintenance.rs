@@ -82,9 +82,9 @@ pub async fn job_rescue_expired(
 const JOB_DELETE_EXPIRED: &str = "
 WITH doomed AS (
     SELECT id FROM jobs
-    WHERE (status = 'done' AND finished_at < now() - make_interval(secs => $1))
-       OR (status = 'failed' AND finished_at < now() - make_interval(secs => $2))
-       OR (status = 'cancelled' AND finished_at < now() - make_interval(secs => $3))
+    WHERE ((status = 'done' AND finished_at < now() - make_interval(secs => $1))
+           OR (status = 'failed' AND finished_at < now() - make_interval(secs => $2))
+           OR (status = 'cancelled' AND finished_at < now() - make_interval(secs => $3)))
       -- Never a parent that a waiting job still needs: the rescuer's safety net reads its status.
       AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs_active c ON c.id = d.child
                       WHERE d.parent = jobs.id AND c.status = 'waiting')
