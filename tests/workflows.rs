@@ -293,3 +293,31 @@ async fn retention_keeps_a_finished_parent_that_a_waiting_job_needs() {
     assert_eq!(count(&c, &format!("SELECT count(*) FROM jobs WHERE id = '{}'", ids[0])).await, 1);
     assert_eq!(count(&c, "SELECT count(*) FROM job_dependencies").await, 2);
 }
+
+#[tokio::test]
+async fn the_rescuer_cancels_the_dependants_of_a_parent_failed_behind_its_back() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let api = api(&db.url);
+    let (status, body) = post(
+        &api,
+        "/jobs/batch",
+        json!([{"payload": "a", "queue": "elsewhere"}, {"payload": "b", "after": ["$0"]}, {"payload": "c", "after": ["$1"]}]),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let ids = ids(&body);
+    c.execute("UPDATE jobs SET status = 'failed', finished_at = now() WHERE id = $1", &[&ids[0]]).await.unwrap();
+    let svc = start_with(db.config(2), common::noop()).await;
+    wait_count(
+        &c,
+        Duration::from_secs(20),
+        "b and c cancelled",
+        "SELECT count(*) FROM jobs WHERE status = 'cancelled'",
+        2,
+    )
+    .await;
+    svc.stop().await.expect("stops cleanly");
+    let error: String = c.query_one("SELECT error FROM jobs WHERE id = $1", &[&ids[2]]).await.unwrap().get(0);
+    assert_eq!(error, format!("parent {} ended cancelled", ids[1]));
+}
