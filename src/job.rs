@@ -14,6 +14,8 @@ pub use crate::limits::{MAX_ATTEMPTS_RANGE, MAX_DELAY, PRIORITY_RANGE, QUEUE_NAM
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Created with parents (`after`) not all done yet; becomes pending when they are.
+    Waiting,
     Pending,
     Processing,
     Done,
@@ -22,11 +24,18 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] =
-        [JobStatus::Pending, JobStatus::Processing, JobStatus::Done, JobStatus::Failed, JobStatus::Cancelled];
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Waiting,
+        JobStatus::Pending,
+        JobStatus::Processing,
+        JobStatus::Done,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Waiting => "waiting",
             JobStatus::Pending => "pending",
             JobStatus::Processing => "processing",
             JobStatus::Done => "done",
@@ -38,6 +47,7 @@ impl JobStatus {
     /// Parses a status name, accepting the older service's names `todo` and `in_progress`.
     pub fn parse(s: &str) -> Option<JobStatus> {
         match s {
+            "waiting" => Some(JobStatus::Waiting),
             "pending" | "todo" => Some(JobStatus::Pending),
             "processing" | "in_progress" => Some(JobStatus::Processing),
             "done" => Some(JobStatus::Done),
@@ -47,7 +57,7 @@ impl JobStatus {
         }
     }
 
-    /// A status as stored in the `status` column: the five names only, no aliases.
+    /// A status as stored in the `status` column: the six names only, no aliases.
     pub fn from_stored(s: &str) -> Option<JobStatus> {
         JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
     }
@@ -64,6 +74,8 @@ impl JobStatus {
         matches!(
             (self, to),
             (Pending, Processing)            // worker claim
+                | (Waiting, Pending)         // every parent done: completion, rescue
+                | (Waiting, Cancelled)       // a parent failed or was cancelled; API cancel
                 | (Pending, Cancelled)       // API cancel
                 | (Processing, Done)         // handler succeeded
                 | (Processing, Pending)      // retry with backoff, snooze, shutdown release, rescue
@@ -75,7 +87,7 @@ impl JobStatus {
     }
 }
 
-/// Stored as text; reading anything but the five names is an error (a schema this code does not know),
+/// Stored as text; reading anything but the six names is an error (a schema this code does not know),
 /// never silently some other status.
 impl tokio_postgres::types::FromSql<'_> for JobStatus {
     fn from_sql(
@@ -147,6 +159,20 @@ pub struct NewJob {
     /// `None` means the queue's default.
     pub max_attempts: Option<i32>,
     pub unique_key: Option<String>,
+    /// Jobs that must be done before this one runs (at most [`MAX_PARENTS`]).
+    pub after: Vec<Parent>,
+}
+
+/// The most parents one job may wait for.
+pub const MAX_PARENTS: usize = 100;
+
+/// A job's parent, as a request names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Parent {
+    /// An existing job.
+    Job(Uuid),
+    /// An earlier element of the same batch (`"$2"`).
+    Earlier(usize),
 }
 
 impl NewJob {
@@ -158,6 +184,7 @@ impl NewJob {
             run_at: None,
             max_attempts: None,
             unique_key: None,
+            after: Vec::new(),
         }
     }
 

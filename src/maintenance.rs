@@ -60,6 +60,19 @@ impl Maintenance {
     /// Returns jobs whose lease expired to the queue (or fails or cancels them, see the query).
     pub async fn rescue(&self, log: &Logger) -> Result<usize, DbError> {
         let client = self.pool.get().await?;
+        let stranded = queries::job_release_stranded(&*client, BATCH).await?;
+        let mut woken = BTreeSet::new();
+        for (id, queue, status) in &stranded {
+            warn!(log, "released a waiting job whose parents had finished without releasing it";
+                  "job_id" => %id, "queue" => queue, "status" => status.as_str());
+            if *status == JobStatus::Pending {
+                woken.insert(queue.clone());
+            }
+        }
+        if !woken.is_empty() {
+            let queues: Vec<String> = woken.into_iter().collect();
+            queries::queue_notify(&*client, &queues).await?;
+        }
         let mut total = 0;
         loop {
             let rescued = queries::job_rescue_expired(&*client, BATCH, self.default_max_attempts).await?;

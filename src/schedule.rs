@@ -222,6 +222,7 @@ impl ScheduleSpec {
             run_at: None,
             max_attempts: self.max_attempts,
             unique_key: None,
+            after: Vec::new(),
         };
         job.validate()?;
         Ok(table)

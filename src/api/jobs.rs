@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::{decode, parse_json, reply, within, ApiState, Request, MAX_BATCH, MAX_LIMIT, MAX_WAIT};
 use crate::config::{parse_duration, DEFAULT_QUEUE};
 use crate::db::queries;
-use crate::job::{FieldError, Job, JobStatus, NewJob};
+use crate::job::{FieldError, Job, JobStatus, NewJob, Parent, MAX_PARENTS};
 
 /// One job as `POST /jobs` and `POST /jobs/batch` accept it.
 #[derive(Debug, Deserialize)]
@@ -28,6 +28,34 @@ struct JobSpec {
     delay: Option<String>,
     max_attempts: Option<i32>,
     unique_key: Option<String>,
+    /// Parents: job ids, or `"$n"` for an earlier element of the same batch.
+    after: Option<Vec<String>>,
+}
+
+/// Parses `after`: at most [`MAX_PARENTS`] entries, each a job id or `$n`; duplicates are dropped.
+fn parse_after(after: Option<Vec<String>>) -> Result<Vec<Parent>, FieldError> {
+    let after = after.unwrap_or_default();
+    if after.len() > MAX_PARENTS {
+        return Err(FieldError::new("after", format!("lists {} jobs; at most {MAX_PARENTS}", after.len())));
+    }
+    let mut parents = Vec::with_capacity(after.len());
+    for a in &after {
+        let parent = match a.strip_prefix('$') {
+            Some(n) => Parent::Earlier(n.parse().map_err(|_| {
+                FieldError::new(
+                    "after",
+                    format!("{a:?}: expected a job id or $n, the index of an earlier batch element"),
+                )
+            })?),
+            None => {
+                Parent::Job(a.parse().map_err(|_| FieldError::new("after", format!("{a:?}: expected a job id or $n")))?)
+            }
+        };
+        if !parents.contains(&parent) {
+            parents.push(parent);
+        }
+    }
+    Ok(parents)
 }
 
 impl JobSpec {
@@ -60,10 +88,29 @@ impl JobSpec {
             run_at,
             max_attempts: self.max_attempts,
             unique_key: self.unique_key,
+            after: parse_after(self.after)?,
         };
         job.validate()?;
         Ok(job)
     }
+}
+
+/// Inserts jobs that wait for others (see [`queries::job_insert_graph`]); unknown parents are a 400.
+async fn insert_graph(state: &ApiState, jobs: Vec<NewJob>) -> Result<Vec<Job>, ApiError> {
+    let mut client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+    let mut tries = 0;
+    let outcome = loop {
+        // Locking a parent that a concurrent completion has just moved to jobs_finished is a
+        // serialization failure; the next try finds it finished.
+        match queries::job_insert_graph(&mut client, &jobs).await {
+            Err(e) if e.class() == crate::db::ErrorClass::Transient && tries < 5 => tries += 1,
+            other => break other?,
+        }
+    };
+    outcome.map_err(|unknown| {
+        let ids: Vec<String> = unknown.iter().map(Uuid::to_string).collect();
+        ApiError::bad_request(format!("after: no job has the id {}", ids.join(", ")))
+    })
 }
 
 pub(super) fn created(job: &Job) -> Response {
@@ -86,6 +133,14 @@ pub(super) async fn create(state: &ApiState, req: &Request, body: Bytes) -> Resu
             _ => job.unique_key = Some(key.to_string()),
         }
         job.validate().map_err(ApiError::invalid_field)?;
+    }
+    if !job.after.is_empty() {
+        if job.after.iter().any(|p| matches!(p, Parent::Earlier(_))) {
+            return Err(ApiError::bad_request("after: $n names an element of a batch; use POST /jobs/batch"));
+        }
+        let job = insert_graph(state, vec![job]).await?.remove(0);
+        crate::metrics::job_inserted(&job.queue, 1);
+        return Ok(created(&job));
     }
     let (job, is_new) = state.enqueuer.insert(job).await?;
     if is_new {
@@ -111,6 +166,20 @@ pub(super) async fn create_batch(state: &ApiState, body: Bytes) -> Result<Respon
         let spec: JobSpec = decode(item, &format!("[{i}]"))?;
         let job = spec.into_new_job().map_err(|e| ApiError::bad_request(format!("[{i}].{e}")))?;
         jobs.push(job);
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(Parent::Earlier(n)) = job.after.iter().find(|p| matches!(p, Parent::Earlier(n) if *n >= i)) {
+            return Err(ApiError::bad_request(format!(
+                "[{i}].after: ${n} is not an earlier element; a job can wait only for jobs before it, so no cycle can form"
+            )));
+        }
+    }
+    if jobs.iter().any(|j| !j.after.is_empty()) {
+        let jobs = insert_graph(state, jobs).await?;
+        for chunk in jobs.chunk_by(|a, b| a.queue == b.queue) {
+            crate::metrics::job_inserted(&chunk[0].queue, chunk.len() as u64);
+        }
+        return Ok(reply(StatusCode::CREATED, &jobs));
     }
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     // One statement, its own transaction: safe to run again if the server aborted it to break a
@@ -155,7 +224,29 @@ pub(super) async fn get(state: &ApiState, req: &Request, id: Uuid) -> Result<Res
         }
         _ => job,
     };
-    Ok(reply(StatusCode::OK, &job))
+    let (after, waiting_dependants) = within(state, async {
+        let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
+        Ok(queries::job_dependencies_of(&*client, id).await?)
+    })
+    .await?;
+    Ok(reply(StatusCode::OK, &JobDetail { job: &job, after, waiting_dependants }))
+}
+
+/// A job as `GET /jobs/{id}` shows it: every field of [`Job`], plus its parents and how many jobs
+/// still wait for it, each only when there is something to show: a job outside any workflow reads
+/// exactly as before.
+#[derive(serde::Serialize)]
+struct JobDetail<'a> {
+    #[serde(flatten)]
+    job: &'a Job,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    after: Vec<Uuid>,
+    #[serde(skip_serializing_if = "is_zero")]
+    waiting_dependants: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 async fn fetch(state: &ApiState, id: Uuid) -> Result<Job, ApiError> {
@@ -203,7 +294,7 @@ pub(crate) fn list_filter(
         None => None,
         Some(s) => Some(JobStatus::parse(&s).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "status={s:?}: expected pending, processing, done, failed or cancelled (or todo, in_progress)"
+                "status={s:?}: expected waiting, pending, processing, done, failed or cancelled (or todo, in_progress)"
             ))
         })?),
     };

@@ -172,8 +172,9 @@ const JOB_FINISH_LEASED: &str = concat!(
 WITH locked AS MATERIALIZED (
     -- Rows locked first, in id order, as every statement that locks many jobs does.
     SELECT id FROM jobs_active WHERE id = ANY($1::uuid[]) AND status = 'processing' ORDER BY id FOR UPDATE
-)
+),
 -- Through the parent: a job that ends moves to jobs_finished.
+finished AS (
 UPDATE jobs j
 SET ",
     finish_set!(),
@@ -182,7 +183,12 @@ SET ",
 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $7::text[])
      AS r(id, status, result, error, delay, uncount, token)
 WHERE j.id = r.id AND r.id IN (SELECT id FROM locked) AND j.lease_token = r.token AND j.status = 'processing'
-RETURNING j.*"
+RETURNING j.*
+), released AS MATERIALIZED (
+    -- Waiting dependants promoted or cancelled in the same statement, as the completer does.
+    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM finished
+)
+SELECT f.* FROM finished f, released"
 );
 
 /// Returns the jobs written, as they are now; the others' tokens no longer held them. The caller

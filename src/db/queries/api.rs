@@ -7,8 +7,10 @@ use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
 use super::super::DbError;
-use super::{job_from_row, jobs_from_rows};
-use crate::job::{Job, JobStatus, NewJob};
+use std::collections::HashMap;
+
+use super::{job_from_row, jobs_from_rows, status_of};
+use crate::job::{Job, JobStatus, NewJob, Parent};
 
 /// Inserts one job. With a `unique_key` that a pending or processing job of the same queue already
 /// holds, inserts nothing and returns that job with `created = false`.
@@ -17,7 +19,7 @@ WITH ins AS (
     -- Into the partition itself: ON CONFLICT needs the unique index, which only jobs_active has.
     INSERT INTO jobs_active (queue, payload, priority, run_at, max_attempts, unique_key)
     VALUES ($1, $2, $3, coalesce($4, now()), $5, $6)
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing', 'waiting')
     DO NOTHING
     RETURNING *
 )
@@ -25,7 +27,7 @@ SELECT true AS created, ins.* FROM ins
 UNION ALL
 SELECT false, j.* FROM jobs j
 WHERE $6::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ins)
-  AND j.queue = $1 AND j.unique_key = $6 AND j.status IN ('pending', 'processing')";
+  AND j.queue = $1 AND j.unique_key = $6 AND j.status IN ('pending', 'processing', 'waiting')";
 
 /// Inserts one job, or finds the live job holding its `unique_key`; `true` when inserted.
 /// Sent with explicit parameter types (`query_typed`): one round trip, where an unprepared `query`
@@ -66,14 +68,14 @@ WITH input AS (
 ), ins AS (
     INSERT INTO jobs_active (id, queue, payload, priority, run_at, max_attempts, unique_key)
     SELECT id, q, p, pr, coalesce(ra, now()), ma, uk FROM input ORDER BY q, uk, n
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing')
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'processing', 'waiting')
     DO NOTHING
     RETURNING *
 )
 SELECT true AS created, ins.* FROM ins
 UNION ALL
 SELECT false, j.* FROM input i JOIN jobs_active j ON j.queue = i.q AND j.unique_key = i.uk
-WHERE i.uk IS NOT NULL AND j.status IN ('pending', 'processing') AND i.id NOT IN (SELECT id FROM ins)";
+WHERE i.uk IS NOT NULL AND j.status IN ('pending', 'processing', 'waiting') AND i.id NOT IN (SELECT id FROM ins)";
 
 /// Per job, in order: the job inserted (`true`) or the live job holding its key (`false`), or `None`
 /// when neither could be told from this statement's snapshot (a key taken by a concurrent transaction,
@@ -159,6 +161,17 @@ pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> R
 pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
     let row = client.query_opt("SELECT * FROM jobs WHERE id = $1", &[&id]).await?;
     row.as_ref().map(job_from_row).transpose()
+}
+
+/// A job's parents (in id order) and the number of waiting jobs that wait for it.
+const JOB_DEPENDENCIES_OF: &str = "
+SELECT array(SELECT parent FROM job_dependencies WHERE child = $1 ORDER BY parent),
+       (SELECT count(*) FROM job_dependencies d JOIN jobs_active c ON c.id = d.child
+        WHERE d.parent = $1 AND c.status = 'waiting')";
+
+pub async fn job_dependencies_of(client: &impl GenericClient, id: Uuid) -> Result<(Vec<Uuid>, i64), DbError> {
+    let row = client.query_one(JOB_DEPENDENCIES_OF, &[&id]).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
 /// Filters for [`job_list`].
@@ -298,4 +311,102 @@ pub async fn stats(client: &impl GenericClient) -> Result<Vec<QueueStats>, DbErr
 pub async fn ping(client: &impl GenericClient) -> Result<(), DbError> {
     client.query_one("SELECT 1", &[]).await?;
     Ok(())
+}
+
+/// Inserts jobs with their parents (`after`), every row in one statement, as a status computed here:
+/// `waiting` with `waiting_on` parents not done yet, `pending` when all are done, `cancelled` (naming
+/// the parent) when one has already failed or been cancelled.
+const JOB_INSERT_GRAPH: &str = "
+INSERT INTO jobs (id, queue, payload, priority, run_at, max_attempts, unique_key, status, waiting_on, error,
+                  finished_at)
+SELECT id, q, p, pr, coalesce(ra, now()), ma, uk, st, wo, er, CASE WHEN st = 'cancelled' THEN now() END
+FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[],
+            $8::text[], $9::int4[], $10::text[])
+     WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, st, wo, er, n)
+ORDER BY q, uk, n
+RETURNING *";
+
+/// Every edge, so that the parent's completion finds its children.
+const JOB_DEPENDENCY_INSERT: &str = "
+INSERT INTO job_dependencies (parent, child) SELECT * FROM unnest($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING";
+
+/// Inserts jobs that may wait for existing jobs or for earlier ones of the same call
+/// ([`Parent::Earlier`], checked by the caller to point backwards), all or nothing, in one transaction.
+/// Returns the jobs in the order given, or the parent ids that name no job.
+///
+/// The existing parents are locked (`FOR SHARE`, in id order) before their statuses are read: a
+/// completion of one of them either committed before (its status is read as final here) or waits
+/// for this transaction, and then finds the new edges, since the release of dependants runs after
+/// the parent's row lock was taken. A parent moved to jobs_finished while this waited is a
+/// serialization failure: the caller tries again.
+pub async fn job_insert_graph(client: &mut Client, jobs: &[NewJob]) -> Result<Result<Vec<Job>, Vec<Uuid>>, DbError> {
+    let tx = client.transaction().await?;
+    let mut external: Vec<Uuid> = jobs
+        .iter()
+        .flat_map(|j| &j.after)
+        .filter_map(|p| if let Parent::Job(id) = p { Some(*id) } else { None })
+        .collect();
+    external.sort_unstable();
+    external.dedup();
+    let rows = tx.query("SELECT id, status FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE", &[&external]).await?;
+    let mut known = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        known.insert(r.try_get::<_, Uuid>(0)?, status_of(r, "status")?);
+    }
+    let unknown: Vec<Uuid> = external.iter().filter(|id| !known.contains_key(id)).copied().collect();
+    if !unknown.is_empty() {
+        return Ok(Err(unknown));
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let (mut statuses, mut waiting_on, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut parents, mut children) = (Vec::new(), Vec::new());
+    for (i, job) in jobs.iter().enumerate() {
+        let mut n_waiting = 0;
+        let mut cause = None;
+        for p in &job.after {
+            let (id, status) = match *p {
+                Parent::Job(id) => (id, known[&id]),
+                Parent::Earlier(n) => (ids[n], JobStatus::from_stored(statuses[n]).unwrap_or(JobStatus::Waiting)),
+            };
+            parents.push(id);
+            children.push(ids[i]);
+            match status {
+                JobStatus::Done => {}
+                JobStatus::Failed | JobStatus::Cancelled => {
+                    cause.get_or_insert(format!("parent {id} ended {}", status.as_str()));
+                }
+                // A new job of this batch is never done yet: it counts as waited for.
+                _ => n_waiting += 1,
+            }
+        }
+        let status = match (&cause, n_waiting) {
+            (Some(_), _) => "cancelled",
+            (None, 0) => "pending",
+            (None, _) => "waiting",
+        };
+        statuses.push(status);
+        waiting_on.push(if cause.is_some() { 0 } else { n_waiting });
+        errors.push(cause);
+    }
+    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
+    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
+    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let rows = tx
+        .query(
+            JOB_INSERT_GRAPH,
+            &[&ids, &queues, &payloads, &priorities, &run_ats, &max_attempts, &keys, &statuses, &waiting_on, &errors],
+        )
+        .await?;
+    tx.execute(JOB_DEPENDENCY_INSERT, &[&parents, &children]).await?;
+    let mut by_id: HashMap<Uuid, Job> =
+        rows.iter().map(|r| job_from_row(r).map(|j| (j.id, j))).collect::<Result<_, _>>()?;
+    let jobs = ids
+        .iter()
+        .map(|id| by_id.remove(id).ok_or_else(|| DbError::Decode(format!("inserted job {id} was not returned"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    tx.commit().await?;
+    Ok(Ok(jobs))
 }

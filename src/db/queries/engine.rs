@@ -167,8 +167,9 @@ WITH locked AS MATERIALIZED (
     WHERE id = ANY($1::uuid[]) AND locked_by = $7 AND status = 'processing'
     ORDER BY id
     FOR UPDATE
-)
+),
 -- Through the parent: a job that ends moves from jobs_active to jobs_finished (see V4__storage.sql).
+finished AS (
 UPDATE jobs j
 SET ",
     finish_set!(),
@@ -181,7 +182,14 @@ FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::b
 -- 388 ms against 15 ms for 1,000 rows.
 WHERE j.id = r.id AND r.id IN (SELECT id FROM locked)
   AND j.attempts = r.attempt AND j.locked_by = $7 AND j.status = 'processing'
-RETURNING j.id, j.status"
+RETURNING j.id, j.status
+), released AS MATERIALIZED (
+    -- Jobs waiting for the finished ones are promoted or cancelled in this same statement, so in the
+    -- same transaction: one function call per batch, one index probe per job when none waits (see
+    -- V7__workflows.sql). It reads all of `finished`, so it runs after every row is written.
+    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM finished
+)
+SELECT f.id, f.status FROM finished f, released"
 );
 
 /// Returns the ids that were written, with the status each got (a retry of a job whose cancellation

@@ -35,7 +35,7 @@ WITH expired AS (
     ORDER BY locked_until
     LIMIT $1
     FOR UPDATE SKIP LOCKED
-)
+), rescued AS (
 UPDATE jobs j
 SET status = e.new_status,
     updated_at = now(),
@@ -49,7 +49,12 @@ SET status = e.new_status,
     finished_at = CASE WHEN e.new_status = 'pending' THEN NULL ELSE now() END
 FROM expired e
 WHERE j.id = e.id
-RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by"
+RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by
+), released AS MATERIALIZED (
+    -- A job failed or cancelled here cancels its waiting dependants, in the same statement.
+    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM rescued
+)
+SELECT r.id, r.queue, r.status, r.attempts, r.lost_by FROM rescued r, released"
 );
 
 pub async fn job_rescue_expired(
@@ -77,13 +82,21 @@ pub async fn job_rescue_expired(
 const JOB_DELETE_EXPIRED: &str = "
 WITH doomed AS (
     SELECT id FROM jobs
-    WHERE (status = 'done' AND finished_at < now() - make_interval(secs => $1))
-       OR (status = 'failed' AND finished_at < now() - make_interval(secs => $2))
-       OR (status = 'cancelled' AND finished_at < now() - make_interval(secs => $3))
+    WHERE ((status = 'done' AND finished_at < now() - make_interval(secs => $1))
+           OR (status = 'failed' AND finished_at < now() - make_interval(secs => $2))
+           OR (status = 'cancelled' AND finished_at < now() - make_interval(secs => $3)))
+      -- Never a parent that a waiting job still needs: the rescuer's safety net reads its status.
+      AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs_active c ON c.id = d.child
+                      WHERE d.parent = jobs.id AND c.status = 'waiting')
     LIMIT $4
     FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM jobs j USING doomed WHERE j.id = doomed.id RETURNING j.id
+), edges AS (
+    -- The edges of a deleted job go with it (no foreign key can: see V7__workflows.sql).
+    DELETE FROM job_dependencies d USING deleted x WHERE d.child = x.id OR d.parent = x.id
 )
-DELETE FROM jobs j USING doomed WHERE j.id = doomed.id";
+SELECT count(*) FROM deleted";
 
 pub async fn job_delete_expired(
     client: &impl GenericClient,
@@ -93,5 +106,44 @@ pub async fn job_delete_expired(
     limit: i64,
 ) -> Result<u64, DbError> {
     let (d, f, c) = (done.map(secs), failed.map(secs), cancelled.map(secs));
-    Ok(client.execute(JOB_DELETE_EXPIRED, &[&d, &f, &c, &limit]).await?)
+    let n: i64 = client.query_one(JOB_DELETE_EXPIRED, &[&d, &f, &c, &limit]).await?.try_get(0)?;
+    Ok(n as u64)
+}
+
+/// The safety net behind the promotion that finishing statements do: waiting jobs none of whose
+/// parents is still waiting, pending or processing, which a completion written by other means (a plain
+/// UPDATE from psql) left behind. Each becomes pending if every parent is done, else cancelled naming
+/// a parent that is not (its own dependants follow on the next run). Bounded, `SKIP LOCKED`, and
+/// decided on the parents' statuses, not the counter, so it is right whatever the counter says.
+const JOB_RELEASE_STRANDED: &str = "
+WITH stranded AS (
+    SELECT c.id FROM jobs_active c
+    WHERE c.status = 'waiting'
+      AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs_active p ON p.id = d.parent WHERE d.child = c.id)
+    ORDER BY c.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), verdict AS (
+    SELECT s.id,
+           (SELECT 'parent ' || p.id || ' ended ' || p.status
+            FROM job_dependencies d JOIN jobs_finished p ON p.id = d.parent
+            WHERE d.child = s.id AND p.status <> 'done' ORDER BY p.id LIMIT 1) AS cause
+    FROM stranded s
+)
+UPDATE jobs j
+SET status = CASE WHEN v.cause IS NULL THEN 'pending' ELSE 'cancelled' END,
+    waiting_on = 0,
+    error = coalesce(v.cause, j.error),
+    finished_at = CASE WHEN v.cause IS NULL THEN NULL ELSE now() END,
+    updated_at = now()
+FROM verdict v
+WHERE j.id = v.id AND j.status = 'waiting'
+RETURNING j.id, j.queue, j.status";
+
+pub async fn job_release_stranded(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, JobStatus)>, DbError> {
+    let rows = client.query(JOB_RELEASE_STRANDED, &[&limit]).await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, status_of(r, "status")?))).collect()
 }
