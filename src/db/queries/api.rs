@@ -77,17 +77,46 @@ UNION ALL
 SELECT false, j.* FROM input i JOIN jobs_active j ON j.queue = i.q AND j.unique_key = i.uk
 WHERE i.uk IS NOT NULL AND j.status IN ('pending', 'processing', 'waiting') AND i.id NOT IN (SELECT id FROM ins)";
 
+/// The columns of new jobs as arrays, one element per job, for the statements that insert from
+/// `unnest(...)`: the one place that maps a [`NewJob`] onto the table's columns.
+struct NewJobColumns<'a> {
+    queues: Vec<&'a str>,
+    payloads: Vec<&'a Value>,
+    priorities: Vec<i32>,
+    run_ats: Vec<Option<DateTime<Utc>>>,
+    max_attempts: Vec<Option<i32>>,
+    keys: Vec<Option<&'a str>>,
+}
+
+impl<'a> NewJobColumns<'a> {
+    fn of(jobs: impl IntoIterator<Item = &'a NewJob>) -> Self {
+        let mut c = NewJobColumns {
+            queues: Vec::new(),
+            payloads: Vec::new(),
+            priorities: Vec::new(),
+            run_ats: Vec::new(),
+            max_attempts: Vec::new(),
+            keys: Vec::new(),
+        };
+        for j in jobs {
+            c.queues.push(&j.queue);
+            c.payloads.push(&j.payload);
+            c.priorities.push(j.priority);
+            c.run_ats.push(j.run_at);
+            c.max_attempts.push(j.max_attempts);
+            c.keys.push(j.unique_key.as_deref());
+        }
+        c
+    }
+}
+
 /// Per job, in order: the job inserted (`true`) or the live job holding its key (`false`), or `None`
 /// when neither could be told from this statement's snapshot (a key taken by a concurrent transaction,
 /// or by an earlier job of the same call): insert those with [`job_insert`], which retries.
 pub async fn job_insert_many(client: &Client, jobs: &[&NewJob]) -> Result<Vec<Option<(Job, bool)>>, DbError> {
     let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
-    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
-    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
-    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
-    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
-    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let NewJobColumns { queues, payloads, priorities, run_ats, max_attempts, keys } =
+        NewJobColumns::of(jobs.iter().map(|j| &**j));
     let rows = client
         .query_typed(
             JOB_INSERT_MANY,
@@ -142,12 +171,7 @@ RETURNING *";
 
 pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
     let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
-    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
-    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
-    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
-    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
-    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let NewJobColumns { queues, payloads, priorities, run_ats, max_attempts, keys } = NewJobColumns::of(jobs);
     let rows = client
         .query(JOB_INSERT_BATCH, &[&ids, &queues, &payloads, &priorities, &run_ats, &max_attempts, &keys])
         .await?;
@@ -388,12 +412,7 @@ pub async fn job_insert_graph(client: &mut Client, jobs: &[NewJob]) -> Result<Re
         waiting_on.push(if cause.is_some() { 0 } else { n_waiting });
         errors.push(cause);
     }
-    let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
-    let payloads: Vec<&Value> = jobs.iter().map(|j| &j.payload).collect();
-    let priorities: Vec<i32> = jobs.iter().map(|j| j.priority).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
-    let max_attempts: Vec<Option<i32>> = jobs.iter().map(|j| j.max_attempts).collect();
-    let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.unique_key.as_deref()).collect();
+    let NewJobColumns { queues, payloads, priorities, run_ats, max_attempts, keys } = NewJobColumns::of(jobs);
     let rows = tx
         .query(
             JOB_INSERT_GRAPH,
