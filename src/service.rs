@@ -277,6 +277,15 @@ impl Builder {
         supervisor.spawn("maintenance", maintenance.run(shutdown.clone()));
         supervisor.spawn("scheduler", scheduler.run(shutdown.clone()));
         supervisor.spawn("registry", registry.run(shutdown.clone()));
+        supervisor.spawn(
+            "wait-stats",
+            crate::wait_series::flush(
+                pool.clone(),
+                config.instance_id.clone(),
+                log.new(slog::o!("component" => "wait-stats")),
+                shutdown.clone(),
+            ),
+        );
         let metrics_log = log.new(slog::o!("component" => "metrics"));
         let refresh = crate::metrics::refresh(
             pool.clone(),

@@ -353,6 +353,18 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_fails() {
         .map(|e| (e["attempt"].as_i64().unwrap(), e["error"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(history, (1..=4).map(|i| (i, format!("boom {i}"))).collect::<Vec<_>>());
+    // Each entry says when its attempt started: after the previous attempt ended (the backoff) and
+    // before its own end.
+    let time = |e: &Value, k: &str| {
+        chrono::DateTime::parse_from_rfc3339(e[k].as_str().unwrap_or_else(|| panic!("{k} in {e}"))).unwrap()
+    };
+    let entries = errors.as_array().unwrap();
+    for (i, e) in entries.iter().enumerate() {
+        assert!(time(e, "started_at") <= time(e, "at"), "{e}");
+        if i > 0 {
+            assert!(time(&entries[i - 1], "at") < time(e, "started_at"), "{errors}");
+        }
+    }
     assert_eq!(row.get::<_, i32>(2), 4);
     assert!(row.get::<_, bool>(3));
 }

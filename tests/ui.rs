@@ -189,3 +189,86 @@ async fn history_counts_what_finished_in_each_bucket() {
     assert_eq!(finished.iter().sum::<i64>(), 3, "the job finished 20 minutes ago is outside the window");
     assert_eq!(q["wait_p50_secs"].as_array().unwrap().len(), 90);
 }
+
+/// Two real instances on one database: `a` claims a job that was due 3 s before it was inserted, and
+/// `b`, which serves another queue and never saw that claim, charts its wait from the histogram `a`
+/// wrote to `wait_stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_chart_covers_the_claims_of_every_instance() {
+    use common::{eventually, http, Proc};
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let with = |id: &str, queues: &str| {
+        let mut env = db.env();
+        env.extend([("INSTANCE_ID".to_string(), id.to_string()), ("QUEUES".to_string(), queues.to_string())]);
+        env
+    };
+    let a = Proc::jobqueue("wait-a", &["serve"], &with("inst-a", "work:2"));
+    let b = Proc::jobqueue("wait-b", &["serve"], &with("inst-b", "other:1"));
+    let (_, b_addr) = (a.api_addr().await, b.api_addr().await);
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO jobs (queue, payload, run_at) VALUES ('work', '{}', now() - interval '3 seconds')")
+        .await
+        .unwrap();
+    common::wait_count(
+        &client,
+        Duration::from_secs(30),
+        "job done",
+        "SELECT count(*) FROM jobs WHERE status = 'done'",
+        1,
+    )
+    .await;
+    let started: Option<chrono::DateTime<chrono::Utc>> =
+        client.query_one("SELECT started_at FROM jobs", &[]).await.unwrap().get(0);
+    assert!(started.is_some(), "the claim records when the attempt started");
+
+    let p50 = eventually(Duration::from_secs(30), "b charts a's claim", || async {
+        let r = http(b_addr, "GET", "/stats/history", None).await;
+        let q = r.json()["queues"].as_array()?.iter().find(|q| q["queue"] == "work")?.clone();
+        q["wait_p50_secs"].as_array()?.iter().rev().take(3).find_map(Value::as_f64)
+    })
+    .await;
+    assert!((p50 / 3.0 - 1.0).abs() < 0.2, "p50 {p50} s, expected about 3 s");
+    let writers: Vec<String> =
+        client.query("SELECT DISTINCT instance FROM wait_stats", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(writers, vec!["inst-a".to_string()], "only the claiming instance has waits to write");
+}
+
+/// The job page's timeline shows each attempt's start and end in order: the failed attempt's start
+/// from its entry in the error history, the last attempt's from `started_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_shows_when_each_attempt_started_and_ended() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let id: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO jobs (payload, status, attempts, created_at, started_at, finished_at, errors) VALUES (
+               '{}', 'done', 2, now() - interval '10 minutes', now() - interval '4 minutes', now() - interval '3 minutes',
+               jsonb_build_array(jsonb_build_object('attempt', 1, 'started_at', now() - interval '9 minutes',
+                                                    'at', now() - interval '8 minutes', 'error', 'first try broke')))
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let api = routes(Arc::new(common::api_state(&db.url)));
+    let page = call(&api, "GET", &format!("/ui/jobs/{id}"), &[], None).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let timeline = &page.body[page.body.find(r#"<ol class="timeline">"#).expect("a timeline")..];
+    let timeline = &timeline[..timeline.find("</ol>").unwrap()];
+    let order: Vec<usize> = [
+        "created in queue",
+        "attempt 1 started",
+        "attempt 1 failed",
+        "attempt 2 started",
+        "done</span> after 2 attempt",
+    ]
+    .iter()
+    .map(|what| timeline.find(what).unwrap_or_else(|| panic!("{what:?} missing from {timeline}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order: {timeline}");
+    assert_eq!(timeline.matches("attempt 2 started").count(), 1);
+}

@@ -27,7 +27,7 @@ struct QueueHistory {
     finished: Vec<i64>,
     /// Of those, the failed ones.
     failed: Vec<i64>,
-    /// Wait from `run_at` to claim, median and 95th percentile, of the claims this instance saw.
+    /// Wait from `run_at` to claim, median and 95th percentile, over every instance's claims.
     wait_p50_secs: Vec<Option<f64>>,
     wait_p95_secs: Vec<Option<f64>>,
 }
@@ -45,12 +45,15 @@ impl QueueHistory {
 }
 
 /// Finished jobs come from the table (every instance's work, through the `finished_at` index); wait
-/// times from this instance's memory, since the table does not record when an attempt started (see
+/// times from this instance's memory plus the other instances' histograms in `wait_stats` (see
 /// [`crate::wait_series`]). Both are in buckets of 10 s, the newest ending now.
 pub(super) async fn history(state: &ApiState) -> Result<Response, ApiError> {
     let client = state.pool.get().await.map_err(DbError::from)?;
     let window = std::time::Duration::from_secs(WINDOW_SECS);
     let finished = queries::finished_history(&*client, window, std::time::Duration::from_secs(BUCKET_SECS)).await?;
+    let now = wait_series::now_secs();
+    let first_slot = (now / BUCKET_SECS) as i64 + 1 - BUCKETS as i64;
+    let others = queries::wait_stats_others(&*client, first_slot, &state.instance.id).await?;
     drop(client);
     let mut queues: BTreeMap<String, QueueHistory> = BTreeMap::new();
     for b in finished.into_iter().filter(|b| b.ago < BUCKETS) {
@@ -58,7 +61,7 @@ pub(super) async fn history(state: &ApiState) -> Result<Response, ApiError> {
         q.finished[BUCKETS - 1 - b.ago] += b.finished;
         q.failed[BUCKETS - 1 - b.ago] += b.failed;
     }
-    for w in wait_series::global().snapshot_at(wait_series::now_secs()) {
+    for w in wait_series::global().merged_at(now, &others) {
         let q = queues.entry(w.queue.clone()).or_insert_with(|| QueueHistory::new(w.queue));
         q.wait_p50_secs = w.p50;
         q.wait_p95_secs = w.p95;

@@ -193,20 +193,37 @@ fn facts(j: &Job) -> String {
     out
 }
 
-/// What the row records of the job's life, in order. The table keeps when each failed attempt ended
-/// (the error history) and when the job was created and finished, but not when an attempt started;
-/// a running attempt shows its holder and lease instead.
+/// What the row records of the job's life, in order: creation, each attempt's start (`started_at`,
+/// kept for failed attempts in the error history) and end, and the outcome. A running attempt shows its
+/// holder and lease as "now", after everything recorded.
 fn timeline(j: &Job) -> String {
-    // (when, shown as, what): a running attempt is shown as "now", after everything recorded.
+    let parse = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|at| at.with_timezone(&Utc))
+    };
+    // (when, shown as, what)
     let mut events: Vec<(chrono::DateTime<Utc>, String, String)> =
         vec![(j.created_at, html::time(j.created_at), format!("created in queue {}", esc(&j.queue)))];
+    // Attempts whose start is already shown (from the error history), so the latest is not shown twice.
+    let mut started_shown = Vec::new();
     for e in j.errors.as_array().into_iter().flatten() {
-        let at = e.get("at").and_then(Value::as_str).and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
-        let attempt = e.get("attempt").map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        let attempt = e.get("attempt").and_then(Value::as_i64);
+        let label = attempt.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+        if let Some(started) = parse(e.get("started_at")) {
+            events.push((started, html::time(started), format!("attempt {label} started")));
+            started_shown.push(attempt);
+        }
         let error = e.get("error").and_then(Value::as_str).unwrap_or("");
-        if let Some(at) = at.map(|at| at.with_timezone(&Utc)) {
-            let what = format!(r#"attempt {attempt} failed: <span class="err">{}</span>"#, esc(error));
+        if let Some(at) = parse(e.get("at")) {
+            let what = format!(r#"attempt {label} failed: <span class="err">{}</span>"#, esc(error));
             events.push((at, html::time(at), what));
+        }
+    }
+    // The latest attempt's start, unless its failure above already showed it.
+    if let Some(started) = j.started_at {
+        if j.attempts > 0 && !started_shown.contains(&Some(i64::from(j.attempts))) {
+            events.push((started, html::time(started), format!("attempt {} started", j.attempts)));
         }
     }
     if let Some(at) = j.cancel_requested_at {
@@ -223,6 +240,10 @@ fn timeline(j: &Job) -> String {
             events.push((j.run_at, html::time(j.run_at), "due (waiting until then)".to_string()))
         }
         JobStatus::Pending => events.push((j.run_at, html::time(j.run_at), "due: waiting for a worker".to_string())),
+        JobStatus::Waiting => {
+            let what = "waiting for its parent jobs to finish".to_string();
+            events.push((Utc::now(), r#"<span class="muted">now</span>"#.to_string(), what));
+        }
         status => {
             if let Some(at) = j.finished_at {
                 let what = format!("{} after {} attempt(s)", html::status_badge(status), j.attempts);

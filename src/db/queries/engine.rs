@@ -50,6 +50,7 @@ WITH picked AS (
     SET status = 'processing',
         attempts = j.attempts + 1,
         updated_at = now(),
+        started_at = now(),
         max_attempts = coalesce(j.max_attempts, $5),
         locked_by = $3,
         locked_until = now() + make_interval(secs => $4),

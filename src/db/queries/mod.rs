@@ -174,6 +174,7 @@ pub fn job_from_row(row: &Row) -> Result<Job, DbError> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         finished_at: row.try_get("finished_at")?,
+        started_at: row.try_get("started_at")?,
     })
 }
 
@@ -181,13 +182,13 @@ fn jobs_from_rows(rows: &[Row]) -> Result<Vec<Job>, DbError> {
     rows.iter().map(job_from_row).collect()
 }
 
-/// `j.errors` with `{attempt, at, error}` appended for the current attempt, keeping the newest 20. The
-/// one definition of the error history, for every statement that records an error.
+/// `j.errors` with `{attempt, started_at, at, error}` appended for the current attempt, keeping the
+/// newest 20. The one definition of the error history, for every statement that records an error.
 macro_rules! errors_appended {
     ($error:literal) => {
         concat!(
             "(CASE WHEN jsonb_array_length(j.errors) >= 20 THEN j.errors - 0 ELSE j.errors END)
-                || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'at', now(), 'error', ",
+                || jsonb_build_array(jsonb_build_object('attempt', j.attempts, 'started_at', j.started_at, 'at', now(), 'error', ",
             $error,
             "))"
         )

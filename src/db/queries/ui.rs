@@ -1,5 +1,5 @@
-//! The statements behind the dashboard: jobs finished per queue over the last minutes
-//! (`GET /stats/history`) and the jobs list's search by unique key.
+//! The statements behind the dashboard: jobs finished per queue over the last minutes and the
+//! instances' wait histograms (`GET /stats/history`), and the jobs list's search by unique key.
 
 use std::time::Duration;
 
@@ -68,4 +68,39 @@ LIMIT $2";
 pub async fn job_find_by_key(client: &impl GenericClient, key: &str, limit: i64) -> Result<Vec<Job>, DbError> {
     let rows = client.query(JOB_FIND_BY_KEY, &[&key, &limit]).await?;
     jobs_from_rows(&rows)
+}
+
+/// One instance's wait histogram of one queue and 10-second slot (see `crate::wait_series`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitStatsRow {
+    pub slot: i64,
+    pub queue: String,
+    pub counts: Vec<i32>,
+}
+
+/// Absolute counts: writing the same bucket again (the next flush, a retry) replaces it.
+const WAIT_STATS_PUT: &str = "
+INSERT INTO wait_stats (slot, queue, instance, counts) VALUES ($1, $2, $3, $4)
+ON CONFLICT (slot, queue, instance) DO UPDATE SET counts = EXCLUDED.counts";
+
+pub async fn wait_stats_put(client: &impl GenericClient, instance: &str, row: &WaitStatsRow) -> Result<(), DbError> {
+    client.execute(WAIT_STATS_PUT, &[&row.slot, &row.queue, &instance, &row.counts]).await?;
+    Ok(())
+}
+
+/// Rows of slots before `oldest`, of any instance (a dead one's too): a range of the primary key.
+pub async fn wait_stats_prune(client: &impl GenericClient, oldest: i64) -> Result<u64, DbError> {
+    Ok(client.execute("DELETE FROM wait_stats WHERE slot < $1", &[&oldest]).await?)
+}
+
+/// The other instances' rows from slot `from` on.
+pub async fn wait_stats_others(
+    client: &impl GenericClient,
+    from: i64,
+    instance: &str,
+) -> Result<Vec<WaitStatsRow>, DbError> {
+    let rows = client
+        .query("SELECT slot, queue, counts FROM wait_stats WHERE slot >= $1 AND instance <> $2", &[&from, &instance])
+        .await?;
+    rows.iter().map(|r| Ok(WaitStatsRow { slot: r.try_get(0)?, queue: r.try_get(1)?, counts: r.try_get(2)? })).collect()
 }

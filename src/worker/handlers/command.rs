@@ -209,6 +209,7 @@ mod tests {
             cancel_requested_at: None,
             created_at: now,
             updated_at: now,
+            started_at: Some(now),
             finished_at: None,
         }
     }
