@@ -363,3 +363,27 @@ async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
     assert!(at < before + 10, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
     svc.stop().await.expect("stops cleanly");
 }
+
+/// After a burst has drained, the claim index and heap of `jobs_active` are full of dead versions
+/// that every claim from the head walks until a vacuum; autovacuum may take up to a minute to come
+/// round, so an instance vacuums the partition itself once dead versions outnumber live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_burst_is_vacuumed_without_waiting_for_autovacuum() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let vacuumed = "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'jobs_active' AND last_vacuum IS NOT NULL";
+    assert_eq!(count(&c, vacuumed).await, 0, "a fresh database has never been vacuumed by hand");
+    let svc = common::start_with(db.config(100), common::noop()).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT '{}' FROM generate_series(1, 30000)").await.unwrap();
+    wait_count(&c, Duration::from_secs(120), "burst done", "SELECT count(*) FROM jobs WHERE status = 'done'", 30000)
+        .await;
+    wait_count(&c, Duration::from_secs(30), "jobs_active vacuumed by an instance", vacuumed, 1).await;
+    // A vacuum may have run mid-burst, once dead versions outnumbered the live; another follows the
+    // drain's end, which leaves fewer dead versions than the threshold.
+    common::eventually(Duration::from_secs(30), "the drained burst's dead versions removed", || async {
+        let dead = count(&c, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'jobs_active'").await;
+        (dead < 10_000).then_some(())
+    })
+    .await;
+    svc.stop().await.expect("stops cleanly");
+}

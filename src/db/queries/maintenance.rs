@@ -1,4 +1,4 @@
-//! Maintenance: the rescue of expired leases and the retention cleaner.
+//! Maintenance: the rescue of expired leases, the retention cleaner and the vacuum of `jobs_active` after a burst.
 
 use std::time::Duration;
 
@@ -146,4 +146,50 @@ pub async fn job_release_stranded(
 ) -> Result<Vec<(Uuid, String, JobStatus)>, DbError> {
     let rows = client.query(JOB_RELEASE_STRANDED, &[&limit]).await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, status_of(r, "status")?))).collect()
+}
+
+/// Whether `jobs_active` holds more dead row versions than `$1` and than live rows, and neither
+/// autovacuum nor this check has vacuumed it in the last `$2` seconds. Reads the statistics
+/// collector's counters (flushed by every backend within a second), never the table.
+const ACTIVE_NEEDS_VACUUM: &str = "
+SELECT n_dead_tup
+FROM pg_stat_user_tables
+WHERE relid = 'jobs_active'::regclass
+  AND n_dead_tup > greatest($1::int8, n_live_tup)
+  AND coalesce(greatest(last_vacuum, last_autovacuum), '-infinity') < now() - make_interval(secs => $2)";
+
+/// The dead row versions of `jobs_active` when it is due for a vacuum (see [`ACTIVE_NEEDS_VACUUM`]).
+pub async fn active_needs_vacuum(
+    client: &impl GenericClient,
+    min_dead: i64,
+    min_gap: Duration,
+) -> Result<Option<i64>, DbError> {
+    let row = client.query_opt(ACTIVE_NEEDS_VACUUM, &[&min_dead, &secs(min_gap)]).await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// One instance vacuums at a time; the others skip (a session advisory lock, taken without waiting).
+const VACUUM_LOCK_KEY: i64 = 7215963403311410002;
+
+/// Vacuums `jobs_active` unless another instance (or autovacuum, `SKIP_LOCKED`) is at it. Returns
+/// false when it was skipped. VACUUM cannot run in a transaction, so the connection's statement
+/// timeout is raised for it with a session `SET` and put back with `RESET` (which returns to the value
+/// the connection started with).
+pub async fn active_vacuum(client: &impl GenericClient, timeout: Duration) -> Result<bool, DbError> {
+    let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&VACUUM_LOCK_KEY]).await?.try_get(0)?;
+    if !locked {
+        return Ok(false);
+    }
+    let ms = timeout.as_millis().max(1);
+    // Separate round trips: statements sent together run as one implicit transaction.
+    let vacuum = match client.batch_execute(&format!("SET statement_timeout = {ms}")).await {
+        Ok(()) => client.batch_execute("VACUUM (SKIP_LOCKED) jobs_active").await,
+        Err(e) => Err(e),
+    };
+    let reset = client.batch_execute("RESET statement_timeout").await;
+    let unlock = client.query_one("SELECT pg_advisory_unlock($1)", &[&VACUUM_LOCK_KEY]).await;
+    vacuum?;
+    reset?;
+    unlock?;
+    Ok(true)
 }
