@@ -364,6 +364,44 @@ async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
     svc.stop().await.expect("stops cleanly");
 }
 
+/// A wake-up during a backlog claims only what is more urgent than the cursor; a job of the same
+/// priority that sorts before the cursor (here: inserted with an old `run_at`) is found by the claim
+/// from the head that comes at least every second, so it still runs long before the backlog ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sorting_before_the_cursor_runs_before_the_backlog_ends() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 6000) AS i").await.unwrap();
+    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let handler = {
+        let order = order.clone();
+        move |ctx: JobContext| {
+            order.lock().unwrap().push(ctx.job.payload.clone());
+            // Two slots of at least 1 ms each: the backlog takes at least 3 s.
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        }
+    };
+    let svc = common::start_with(db.config(2), handler).await;
+    common::eventually(Duration::from_secs(10), "the drain under way", || {
+        let n = order.lock().unwrap().len();
+        async move { (n >= 50).then_some(()) }
+    })
+    .await;
+    let before = order.lock().unwrap().len();
+    c.batch_execute("INSERT INTO jobs (payload, run_at) VALUES ('\"old\"', now() - interval '1 hour')").await.unwrap();
+    let at = common::eventually(Duration::from_secs(30), "the old job ran", || {
+        let pos = order.lock().unwrap().iter().position(|p| p == "old");
+        async move { pos }
+    })
+    .await;
+    // Found within about a second, when at most about 2,000 backlog jobs can have run.
+    assert!(at < before + 4000, "the old job ran as job {at}, {} jobs after its insert", at - before);
+    svc.stop().await.expect("stops cleanly");
+}
+
 /// After a burst has drained, the claim index and heap of `jobs_active` are full of dead versions
 /// that every claim from the head walks until a vacuum; autovacuum may take up to a minute to come
 /// round, so an instance vacuums the partition itself once dead versions outnumber live ones.

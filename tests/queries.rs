@@ -50,7 +50,9 @@ async fn claim_takes_a_batch_in_priority_order_and_reports_the_next_due_job() {
     )
     .await
     .unwrap();
-    let full = queries::job_claim(&mut conn, "default", 4, "me", Duration::from_secs(30), 5, None).await.unwrap();
+    let full = queries::job_claim(&mut conn, "default", 4, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap();
     assert_eq!(full.jobs.len(), 4);
     let mut priorities: Vec<i32> = full.jobs.iter().map(|j| j.priority).collect();
     priorities.sort();
@@ -59,20 +61,52 @@ async fn claim_takes_a_batch_in_priority_order_and_reports_the_next_due_job() {
     assert!(full.jobs.iter().all(|j| j.max_attempts == Some(5) && j.locked_by.as_deref() == Some("me")));
     assert_eq!(full.next_due_in, None, "a full claim skips the timer lookup");
 
-    let short = queries::job_claim(&mut conn, "default", 100, "me", Duration::from_secs(30), 5, None).await.unwrap();
+    let short =
+        queries::job_claim(&mut conn, "default", 100, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+            .await
+            .unwrap();
     assert_eq!(short.jobs.len(), 5);
     let due = short.next_due_in.expect("next due reported");
     assert!(due > Duration::from_secs(25) && due <= Duration::from_secs(30), "{due:?}: the sooner job, any priority");
 
-    let empty = queries::job_claim(&mut conn, "other", 10, "me", Duration::from_secs(30), 5, None).await.unwrap();
+    let empty = queries::job_claim(&mut conn, "other", 10, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap();
     assert!(empty.jobs.is_empty() && empty.next_due_in.is_none());
+}
+
+/// The answer to a wake-up during a backlog: only jobs more urgent than the cursor's priority, and
+/// no search for the next due job even when it comes back short.
+#[tokio::test]
+async fn a_claim_of_more_urgent_jobs_takes_only_those() {
+    let (_db, c, mut conn) = setup().await;
+    c.batch_execute(
+        "INSERT INTO jobs (payload, priority) SELECT to_jsonb(i), 0 FROM generate_series(1, 5) AS i;
+         INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000), ('\"sooner\"', -5);
+         INSERT INTO jobs (payload, priority, run_at) VALUES ('\"later\"', -9, now() + interval '30 seconds');",
+    )
+    .await
+    .unwrap();
+    let from = queries::ClaimFrom::MoreUrgentThan(0);
+    let urgent = queries::job_claim(&mut conn, "default", 10, "me", Duration::from_secs(30), 5, from).await.unwrap();
+    let mut priorities: Vec<i32> = urgent.jobs.iter().map(|j| j.priority).collect();
+    priorities.sort();
+    assert_eq!(priorities, vec![-1000, -5], "only what sorts before priority 0 and is due");
+    assert_eq!(urgent.next_due_in, None, "a short claim of urgent jobs skips the timer lookup");
+    let rest = queries::job_claim(&mut conn, "default", 10, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap();
+    assert_eq!(rest.jobs.len(), 5, "the priority-0 jobs were left for the backlog's claims");
 }
 
 #[tokio::test]
 async fn finishing_is_fenced_on_holder_and_attempt() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2')").await.unwrap();
-    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, None).await.unwrap().jobs;
+    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap()
+        .jobs;
     let (a, b) = (jobs[0].id, jobs[1].id);
 
     let written = queries::job_finish_batch(&mut conn, "someone-else", &[finish(a, 1, JobStatus::Done)]).await.unwrap();
@@ -104,7 +138,10 @@ async fn finishing_is_fenced_on_holder_and_attempt() {
 async fn a_requested_cancellation_wins_over_a_retry() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2')").await.unwrap();
-    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, None).await.unwrap().jobs;
+    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap()
+        .jobs;
     let (a, b) = (jobs[0].id, jobs[1].id);
     c.execute("UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", &[&a]).await.unwrap();
     let written = queries::job_finish_batch(
@@ -134,7 +171,10 @@ async fn a_requested_cancellation_wins_over_a_retry() {
 async fn heartbeats_extend_leases_and_report_cancellations_and_losses() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2'), ('3')").await.unwrap();
-    let jobs = queries::job_claim(&mut conn, "default", 3, "me", Duration::from_secs(1), 5, None).await.unwrap().jobs;
+    let jobs = queries::job_claim(&mut conn, "default", 3, "me", Duration::from_secs(1), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap()
+        .jobs;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     c.execute("UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", &[&ids[0]]).await.unwrap();
     // The third was taken over by someone else (as the rescuer and another claim would).
@@ -154,7 +194,10 @@ async fn the_rescuer_requeues_fails_or_cancels_expired_leases() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 4) AS i").await.unwrap();
     let jobs =
-        queries::job_claim(&mut conn, "default", 4, "dead", Duration::from_secs(30), 3, None).await.unwrap().jobs;
+        queries::job_claim(&mut conn, "default", 4, "dead", Duration::from_secs(30), 3, queries::ClaimFrom::Head)
+            .await
+            .unwrap()
+            .jobs;
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
     c.execute("UPDATE jobs SET attempts = 3 WHERE id = $1", &[&ids[1]]).await.unwrap();
     c.execute("UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", &[&ids[2]]).await.unwrap();
@@ -185,7 +228,7 @@ async fn the_rescuer_requeues_fails_or_cancels_expired_leases() {
 async fn heartbeats_are_fenced_on_the_attempt() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
-    let job = queries::job_claim(&mut conn, "default", 1, "me", Duration::from_secs(1), 5, None)
+    let job = queries::job_claim(&mut conn, "default", 1, "me", Duration::from_secs(1), 5, queries::ClaimFrom::Head)
         .await
         .unwrap()
         .jobs
@@ -194,7 +237,10 @@ async fn heartbeats_are_fenced_on_the_attempt() {
     let mut release = finish(job.id, 1, JobStatus::Pending);
     release.delay = Duration::ZERO;
     queries::job_finish_batch(&mut conn, "me", &[release]).await.unwrap();
-    let again = queries::job_claim(&mut conn, "default", 1, "me", Duration::from_secs(1), 5, None).await.unwrap().jobs;
+    let again = queries::job_claim(&mut conn, "default", 1, "me", Duration::from_secs(1), 5, queries::ClaimFrom::Head)
+        .await
+        .unwrap()
+        .jobs;
     assert_eq!(again[0].attempts, 2);
 
     let stale = queries::job_heartbeat(&mut conn, &[(job.id, 1)], "me", Duration::from_secs(60)).await.unwrap();

@@ -72,6 +72,7 @@ async fn claim_loop(
     // Where the last full claim ended, while a backlog is worked through (see `JOB_CLAIM_AFTER`), and
     // since when: the head of the claim order is looked at again at least every CURSOR_MAX_AGE.
     let mut cursor: Option<(queries::ClaimCursor, Instant)> = None;
+    let mut urgent_full = false;
     loop {
         // Wait for a free slot.
         // Shutdown first: once it began, a free slot must not lead to another claim.
@@ -96,20 +97,29 @@ async fn claim_loop(
         }
         let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
         // A wake-up means something may sort before the cursor (an urgent insert, a retry, released
-        // jobs): claim from the head. Consuming the stored permit here is fine; this claim is the
-        // answer to it.
-        if queue.wake.notified().now_or_never().is_some() || cursor.is_some_and(|(_, at)| at.elapsed() > CURSOR_MAX_AGE)
-        {
+        // jobs). While a backlog is worked after a cursor, the answer is a claim of what is more urgent
+        // than the cursor, a bounded range, and the backlog goes on after it; jobs of the cursor's
+        // priority that sort before it wait for the claim from the head that comes at least every
+        // CURSOR_MAX_AGE. Consuming the stored permit here is fine; this claim is the answer to it.
+        // A full claim of more urgent jobs may have left more of them: ask again before the backlog.
+        let woken = queue.wake.notified().now_or_never().is_some() || urgent_full;
+        if cursor.is_some_and(|(_, at)| at.elapsed() > CURSOR_MAX_AGE) {
             cursor = None;
         }
         let after = if backlog { cursor.map(|(c, _)| c) } else { None };
+        let from = match after {
+            Some(c) if woken => queries::ClaimFrom::MoreUrgentThan(c.0),
+            Some(c) => queries::ClaimFrom::After(c),
+            None => queries::ClaimFrom::Head,
+        };
+        let urgent_only = matches!(from, queries::ClaimFrom::MoreUrgentThan(_));
 
         // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
         // permit when the producer is not waiting, and the next `notified()` returns at once.
         let (name, limit, instance) = (&queue.config.name, want as i64, &shared.instance_id);
         let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
         let claim = timeout(conn.deadline(), async {
-            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts, after).await
+            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts, from).await
         })
         .await;
         let claimed = match conn.settle(claim) {
@@ -130,7 +140,9 @@ async fn claim_loop(
         };
 
         let n = claimed.jobs.len();
-        if n == want {
+        if urgent_only {
+            // The cursor stays: the backlog after it is next.
+        } else if n == want {
             let last = claimed.jobs.iter().map(|j| (j.priority, j.run_at, j.id)).max().expect("a full claim has jobs");
             cursor = Some((last, cursor.map_or_else(Instant::now, |(_, at)| at)));
         } else {
@@ -170,6 +182,13 @@ async fn claim_loop(
             };
             executors.spawn(execute(job, entry, slot, room, queue.clone(), shared.clone(), done.clone()));
         }
+        if urgent_only {
+            // However many came back, the backlog after the cursor is still there.
+            urgent_full = n == want;
+            backlog = true;
+            continue;
+        }
+        urgent_full = false;
         backlog = n == want;
         if !backlog && after.is_some() {
             // Nothing more after the cursor; what sorts before it (if anything) is for a claim from

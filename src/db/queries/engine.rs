@@ -34,6 +34,9 @@ use crate::job::{Job, JobStatus};
 /// claimed job costs, and in-process workers never present one.
 macro_rules! claim_sql {
     ($after:literal) => {
+        claim_sql!($after, "")
+    };
+    ($after:literal, $due:literal) => {
         concat!(
             "
 WITH picked AS (
@@ -71,7 +74,9 @@ WITH picked AS (
                 ORDER BY run_at LIMIT 1) AS run_at
         FROM prio WHERE prio.p IS NOT NULL
     ) d
-    WHERE (SELECT count(*) FROM claimed) < $2
+    WHERE (SELECT count(*) FROM claimed) < $2",
+            $due,
+            "
 )
 SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true"
         )
@@ -87,6 +92,26 @@ pub(crate) const JOB_CLAIM: &str = claim_sql!("");
 /// Jobs that sort before the cursor (a more urgent insert, a retry, a released job) announce
 /// themselves with a wake-up, and the producer then claims from the head again.
 const JOB_CLAIM_AFTER: &str = claim_sql!(" AND (priority, run_at, id) > ($7, $8, $9)");
+
+/// [`JOB_CLAIM`] of the jobs more urgent than a cursor's (`priority < $7`): the producer's answer to a
+/// wake-up while it works through a backlog after a cursor. A claim from the head would walk every dead
+/// entry up to the cursor (and so would its search for the next due job when it comes back short):
+/// behind a million-job backlog an urgent job started 56 ms after its insert that way. This one is a
+/// bounded range of `jobs_claim_idx`, and skips the next-due search (` AND false` is folded away by the
+/// planner): the backlog goes on after it. Jobs of the cursor's priority that sort before it (a
+/// released job, a job inserted with an old `run_at`) wait for the periodic claim from the head.
+const JOB_CLAIM_MORE_URGENT: &str = claim_sql!(" AND priority < $7", " AND false");
+
+/// Where a claim starts in the claim order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClaimFrom {
+    /// The head: the most urgent runnable jobs.
+    Head,
+    /// After this position ([`JOB_CLAIM_AFTER`]).
+    After(ClaimCursor),
+    /// Only jobs of a priority more urgent than this ([`JOB_CLAIM_MORE_URGENT`]).
+    MoreUrgentThan(i32),
+}
 
 /// Jobs claimed, and when the queue's next scheduled job comes due if the claim came back short.
 pub struct Claimed {
@@ -104,14 +129,20 @@ pub async fn job_claim(
     instance: &str,
     lease: Duration,
     default_max_attempts: i32,
-    after: Option<ClaimCursor>,
+    from: ClaimFrom,
 ) -> Result<Claimed, DbError> {
-    let rows = match after {
-        None => {
+    let rows = match from {
+        ClaimFrom::Head => {
             let (client, stmt) = conn.prepared(JOB_CLAIM).await?;
             client.query(&stmt, &[&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false]).await?
         }
-        Some((priority, run_at, id)) => {
+        ClaimFrom::MoreUrgentThan(priority) => {
+            let (client, stmt) = conn.prepared(JOB_CLAIM_MORE_URGENT).await?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+                [&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false, &priority];
+            client.query(&stmt, &params).await?
+        }
+        ClaimFrom::After((priority, run_at, id)) => {
             let (client, stmt) = conn.prepared(JOB_CLAIM_AFTER).await?;
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] =
                 [&queue, &limit, &instance, &secs(lease), &default_max_attempts, &false, &priority, &run_at, &id];
