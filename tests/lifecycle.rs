@@ -327,14 +327,10 @@ async fn queues_setting_configures_the_binary() {
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'unserved' AND status = 'pending'").await, 1);
 }
 
-/// While a backlog is worked through, claims continue after where the last one ended (so they do
-/// not walk the dead index entries of every job claimed before); a more urgent job inserted
-/// meanwhile must still run next, not after the backlog.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i").await.unwrap();
+/// Starts an instance with two slots whose handler records each payload and takes at least 1 ms,
+/// and waits until 50 jobs of the backlog already inserted have run. Returns the recorded order and
+/// its length at that moment.
+async fn drain_under_way(db: &TestDb) -> (jobqueue::Service, Arc<Mutex<Vec<Value>>>, usize) {
     let order: Arc<Mutex<Vec<Value>>> = Arc::default();
     let handler = {
         let order = order.clone();
@@ -353,6 +349,18 @@ async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
     })
     .await;
     let before = order.lock().unwrap().len();
+    (svc, order, before)
+}
+
+/// While a backlog is worked through, claims continue after where the last one ended (so they do
+/// not walk the dead index entries of every job claimed before); a more urgent job inserted
+/// meanwhile must still run next, not after the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i").await.unwrap();
+    let (svc, order, before) = drain_under_way(&db).await;
     c.batch_execute("INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)").await.unwrap();
     let at = common::eventually(Duration::from_secs(10), "the urgent job ran", || {
         let pos = order.lock().unwrap().iter().position(|p| p == "urgent");
@@ -366,31 +374,14 @@ async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
 
 /// A wake-up during a backlog claims only what is more urgent than the cursor; a job of the same
 /// priority that sorts before the cursor (here: inserted with an old `run_at`) is found by the claim
-/// from the head that comes at least every second, so it still runs long before the backlog ends.
+/// from the head that comes at least every second, so it still runs long before the backlog ends
+/// (two slots of at least 1 ms each: the backlog takes at least 3 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_sorting_before_the_cursor_runs_before_the_backlog_ends() {
     let db = TestDb::new().await;
     let c = db.client().await;
     c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 6000) AS i").await.unwrap();
-    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let handler = {
-        let order = order.clone();
-        move |ctx: JobContext| {
-            order.lock().unwrap().push(ctx.job.payload.clone());
-            // Two slots of at least 1 ms each: the backlog takes at least 3 s.
-            async {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                Ok::<_, HandlerError>(Value::Null)
-            }
-        }
-    };
-    let svc = common::start_with(db.config(2), handler).await;
-    common::eventually(Duration::from_secs(10), "the drain under way", || {
-        let n = order.lock().unwrap().len();
-        async move { (n >= 50).then_some(()) }
-    })
-    .await;
-    let before = order.lock().unwrap().len();
+    let (svc, order, before) = drain_under_way(&db).await;
     c.batch_execute("INSERT INTO jobs (payload, run_at) VALUES ('\"old\"', now() - interval '1 hour')").await.unwrap();
     let at = common::eventually(Duration::from_secs(30), "the old job ran", || {
         let pos = order.lock().unwrap().iter().position(|p| p == "old");
