@@ -16,7 +16,8 @@ RUN mkdir src \
     && rm -rf src
 
 # db/ is needed at compile time: the migrations are embedded in the binary
-# (refinery's embed_migrations!("db/migrations")), not read at run time.
+# (refinery's embed_migrations!("db/migrations")), not read at run time; build.rs tells cargo so.
+COPY build.rs ./
 COPY src ./src
 COPY db ./db
 # COPY keeps the files' original mtimes, which may be older than the placeholder build;

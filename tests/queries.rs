@@ -334,3 +334,73 @@ async fn a_decoding_error_is_a_bug_not_an_outage() {
         }
     }
 }
+
+/// Rows that the scans of `jobs_active` in a plan (EXPLAIN ANALYZE, JSON) visited: returned, or
+/// read and thrown away by a filter, over every loop.
+fn rows_visited(node: &serde_json::Value) -> f64 {
+    let n = |k: &str| node.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let own = if node.get("Relation Name").and_then(|r| r.as_str()) == Some("jobs_active") {
+        (n("Actual Rows") + n("Rows Removed by Filter") + n("Rows Removed by Index Recheck")) * n("Actual Loops")
+    } else {
+        0.0
+    };
+    // A join filter throws away pairs its inner side produced: a scan repeated per outer row.
+    let joined = n("Rows Removed by Join Filter");
+    own + joined + node.get("Plans").and_then(|p| p.as_array()).map_or(0.0, |p| p.iter().map(rows_visited).sum())
+}
+
+/// Finishing a batch finds each job with one probe, whatever the statistics say. They are taken when a
+/// backlog is inserted, with nothing processing; with `jobs_processing_idx` on (queue) the planner
+/// then scanned the whole partial index once per job of the batch (a 200-job batch visited 40,000
+/// rows, and finishing cost four times what the claim did). The engine's prepared statement ends up
+/// with a generic plan, which is what is looked at here.
+#[tokio::test]
+async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
+    let (_db, c, mut conn) = setup().await;
+    c.batch_execute(
+        "INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i; ANALYZE jobs_active",
+    )
+    .await
+    .unwrap();
+    let batch = 200;
+    let claimed =
+        queries::job_claim(&mut conn, "default", batch, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
+            .await
+            .unwrap();
+    assert_eq!(claimed.jobs.len(), batch as usize);
+    let mut ids: Vec<String> = claimed.jobs.iter().map(|j| j.id.to_string()).collect();
+    ids.sort();
+    let array = |item: &str, ty: &str| format!("'{{{}}}'::{ty}[]", vec![item; ids.len()].join(","));
+    c.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE finish(uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]) AS {}",
+        queries::JOB_FINISH_BATCH
+    ))
+    .await
+    .unwrap();
+    let row = c
+        .query_one(
+            &format!(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish('{{{}}}'::uuid[], {}, {}, {}, {}, {}, 'me', {})",
+                ids.join(","),
+                array("done", "text"),
+                array("NULL", "jsonb"),
+                array("NULL", "text"),
+                array("0", "float8"),
+                array("false", "bool"),
+                array("1", "int4"),
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let plan: serde_json::Value = row.get(0);
+    let visited = rows_visited(&plan[0]["Plan"]);
+    assert_eq!(
+        common::count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await,
+        batch,
+        "the batch was finished"
+    );
+    // One probe to lock each job and one to update it; anything near batch² is a scan per job.
+    assert!(visited <= 4.0 * batch as f64, "finishing {batch} jobs visited {visited} rows: {plan}");
+}

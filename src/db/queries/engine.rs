@@ -188,7 +188,10 @@ pub struct Finish {
 /// The fence includes the attempt number, so an outcome from an earlier attempt of the same job (lease
 /// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
 /// ran ends cancelled rather than going back to pending for a retry, snooze or release.
-const JOB_FINISH_BATCH: &str = concat!(
+///
+/// Public so that a test can look at its plan: each job must be found with one probe
+/// (`db/migrations/V9__processing_by_id.sql` tells how it once was not).
+pub const JOB_FINISH_BATCH: &str = concat!(
     "
 WITH locked AS MATERIALIZED (
     -- Every statement that locks many jobs locks them in id order (the heartbeat too), so that two
