@@ -31,8 +31,16 @@ pub type RawConnection = (Client, Connection<Socket, Stream>);
 pub enum Purpose {
     /// The pool behind the API, maintenance and the waiters.
     Pool,
-    /// A dedicated engine connection (a producer, the completer, the heartbeat).
+    /// A dedicated engine connection (the completer, the heartbeat).
     Engine,
+    /// A producer's connection, which runs only claims, committed without waiting for the WAL flush
+    /// (`synchronous_commit = off`). A claim is a lease, not a result: if the server crashes before
+    /// the claim reaches disk, the job is simply pending again, its attempt uncounted, and runs again
+    /// as after any crash (at least once). Nothing durable can depend on a claim that was lost: the
+    /// finish of that attempt commits synchronously, and its flush covers every earlier WAL record,
+    /// the claim's included. A claim's commit no longer waits for an fsync: 200,000-job drains ran
+    /// 1.2 times as fast with every commit asynchronous (see docs/performance.md).
+    Claim,
     /// The LISTEN connection.
     Listener,
     /// Migrations and database creation: no statement deadline, since a migration may rightly wait
@@ -45,6 +53,7 @@ impl Purpose {
         match self {
             Purpose::Pool => "jobqueue",
             Purpose::Engine => "jobqueue-engine",
+            Purpose::Claim => "jobqueue-claim",
             Purpose::Listener => crate::listener::APPLICATION_NAME,
             Purpose::Admin => "jobqueue-admin",
         }
@@ -96,13 +105,16 @@ impl Connector {
     fn config_for(&self, purpose: Purpose) -> Config {
         let mut c = self.config.clone();
         c.application_name(purpose.application_name());
+        let mut options: Vec<String> =
+            self.config.get_options().map(str::trim).filter(|o| !o.is_empty()).map(String::from).into_iter().collect();
         if purpose != Purpose::Admin && !self.statement_timeout.is_zero() {
-            let ms = self.statement_timeout.as_millis();
-            let options = match self.config.get_options() {
-                Some(o) if !o.trim().is_empty() => format!("{o} -c statement_timeout={ms}"),
-                _ => format!("-c statement_timeout={ms}"),
-            };
-            c.options(options);
+            options.push(format!("-c statement_timeout={}", self.statement_timeout.as_millis()));
+        }
+        if purpose == Purpose::Claim {
+            options.push("-c synchronous_commit=off".into());
+        }
+        if !options.is_empty() {
+            c.options(options.join(" "));
         }
         c
     }
@@ -189,13 +201,23 @@ impl Conn {
 /// A [`Conn`] that reconnects itself: engine loops hold one and never deal with reconnection.
 pub struct ConnSlot {
     connector: Arc<Connector>,
+    purpose: Purpose,
     log: Logger,
     conn: Option<Conn>,
 }
 
 impl ConnSlot {
     pub fn new(connector: &Arc<Connector>, log: &Logger) -> ConnSlot {
-        ConnSlot { connector: connector.clone(), log: log.clone(), conn: None }
+        ConnSlot::with_purpose(connector, Purpose::Engine, log)
+    }
+
+    /// A producer's connection: see [`Purpose::Claim`].
+    pub fn for_claims(connector: &Arc<Connector>, log: &Logger) -> ConnSlot {
+        ConnSlot::with_purpose(connector, Purpose::Claim, log)
+    }
+
+    fn with_purpose(connector: &Arc<Connector>, purpose: Purpose, log: &Logger) -> ConnSlot {
+        ConnSlot { connector: connector.clone(), purpose, log: log.clone(), conn: None }
     }
 
     /// The longest one engine statement may take, for `tokio::time::timeout` around it.
@@ -219,7 +241,7 @@ impl ConnSlot {
     /// The live connection, opening a new one if there is none or the last one broke.
     pub async fn get(&mut self) -> Result<&mut Conn, DbError> {
         if self.conn.as_ref().is_none_or(Conn::is_closed) {
-            let client = self.connector.connect(Purpose::Engine, &self.log).await?;
+            let client = self.connector.connect(self.purpose, &self.log).await?;
             self.conn = Some(Conn::new(client));
         }
         Ok(self.conn.as_mut().expect("connection was just set"))

@@ -65,7 +65,7 @@ async fn claim_loop(
     executors: &mut JoinSet<()>,
 ) -> TaskResult {
     let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
-    let mut conn = ConnSlot::new(&shared.connector, &log);
+    let mut conn = ConnSlot::for_claims(&shared.connector, &log);
     let mut backoff = Duration::from_millis(100);
     let mut backlog = false;
     let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
