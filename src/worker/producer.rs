@@ -1,38 +1,43 @@
 //! One producer per queue: it claims as many jobs as the queue has room for (free slots plus the jobs it
-//! may claim ahead, see [`super::prefetch`]), in one statement, and starts an executor for each; an
-//! executor claimed ahead waits for a slot. The table stays the truth: a job held here is leased and
-//! heartbeated, and goes back to pending if the instance stops before running it. When the queue runs dry the producer waits for whichever comes first: a wake-up
-//! from the listener, the poll tick, or the moment the earliest scheduled job comes due.
+//! may claim ahead, see [`super::prefetch`]), in one statement, and starts an executor for each as
+//! slots free. The table stays the truth: a job held here is leased and heartbeated, and goes back to
+//! pending if the instance stops before running it. When the queue runs dry the producer waits for
+//! whichever comes first: a wake-up from the listener, the poll tick, or the moment the earliest
+//! scheduled job comes due.
+//!
+//! The next claim runs while the jobs of the previous ones wait for slots, and the jobs claimed ahead
+//! start most urgent first (priority, then run_at, then id) across claims, not in the order they were
+//! claimed: an urgent job that a later claim brings starts at the next free slot, whatever was
+//! claimed before it. That is what lets claims be large without delaying urgent jobs.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use slog::{debug, warn};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
-use std::collections::VecDeque;
-
 use futures_util::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
+use slog::{debug, warn, Logger};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::executor::{execute, Finished};
 use super::outcome::{Attempt, Outcome};
 use super::running::Entry;
 use super::{QueueRuntime, Shared};
-use crate::db::{queries, ConnSlot};
+use crate::db::{queries, ConnSlot, DbError};
 use crate::job::Job;
 use crate::supervisor::TaskResult;
-use tokio::time::timeout;
 
 /// Largest claim, whatever the concurrency: keeps one statement's lock set and result modest.
 const MAX_CLAIM: usize = 1000;
 
-/// While a backlog exists, how long the producer may wait for more free slots after the first one,
-/// so that the next claim is a batch rather than a trickle of single-job claims. Only ever spent when
-/// the queue is known to have more runnable jobs than free slots.
+/// While a backlog exists, how long a claim may wait for more room after the first free place, so that
+/// it is a batch rather than a trickle of single-job claims. Only ever spent when the queue is known to
+/// have more runnable jobs than room, and it no longer holds up the start of jobs already claimed.
 const FETCH_COOLDOWN: Duration = Duration::from_millis(2);
 
 /// How long the producer may keep claiming after a cursor before it looks at the head of the claim
@@ -52,170 +57,317 @@ pub(crate) async fn run(
     done: mpsc::Sender<Finished>,
     shutdown: CancellationToken,
 ) -> (JoinSet<()>, TaskResult) {
-    let mut executors = JoinSet::new();
-    let result = claim_loop(&queue, &shared, &done, &shutdown, &mut executors).await;
-    (executors, result)
+    let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
+    let mut producer = Producer {
+        conn: Some(ConnSlot::for_claims(&shared.connector, &log)),
+        queue,
+        shared,
+        done,
+        shutdown,
+        log,
+        executors: JoinSet::new(),
+        ahead: BinaryHeap::new(),
+        plan: Plan { backlog: false, cursor: None, urgent_full: false },
+        backoff: Duration::from_millis(100),
+    };
+    let result = producer.claim_loop().await;
+    (producer.executors, result)
 }
 
-async fn claim_loop(
-    queue: &Arc<QueueRuntime>,
-    shared: &Arc<Shared>,
-    done: &mpsc::Sender<Finished>,
-    shutdown: &CancellationToken,
-    executors: &mut JoinSet<()>,
-) -> TaskResult {
-    let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
-    let mut conn = ConnSlot::for_claims(&shared.connector, &log);
-    let mut backoff = Duration::from_millis(100);
-    let mut backlog = false;
-    let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
-    // Where the last full claim ended, while a backlog is worked through (see `JOB_CLAIM_AFTER`), and
-    // since when: the head of the claim order is looked at again at least every CURSOR_MAX_AGE.
-    let mut cursor: Option<(queries::ClaimCursor, Instant)> = None;
-    let mut urgent_full = false;
-    loop {
-        // Wait for a free slot.
-        // Shutdown first: once it began, a free slot must not lead to another claim.
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            p = queue.room.clone().acquire_owned() => p.map_err(|_| "room semaphore closed".to_string())?,
-        };
-        // Reap executors that have ended; one that panicked is a bug in this crate.
-        while let Some(ended) = executors.try_join_next() {
+/// A claim in flight: it gives back the connection and, unless shutdown came before its statement, the
+/// answer and what it asked for.
+type InFlight = Pin<Box<dyn Future<Output = (ConnSlot, Option<ClaimDone>)> + Send>>;
+
+struct ClaimDone {
+    from: queries::ClaimFrom,
+    want: usize,
+    /// The first place of room, held since before the statement; the others are taken per job.
+    first: OwnedSemaphorePermit,
+    result: Result<queries::Claimed, DbError>,
+}
+
+/// When the next claim may start.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// As soon as there is room.
+    No,
+    /// After a wake-up, or at this instant (the poll tick or the next scheduled job, whichever is first).
+    Idle(Instant),
+    /// At this instant, after a failed claim: wake-ups do not cut a backoff short.
+    Backoff(Instant),
+}
+
+/// What the next claim should be, from what the previous ones found.
+#[derive(Clone, Copy)]
+struct Plan {
+    /// The last claim came back full: there is more to claim as soon as there is room.
+    backlog: bool,
+    /// Where the last full claim ended while a backlog is worked through (see `JOB_CLAIM_AFTER`), and
+    /// since when: the head of the claim order is looked at again at least every CURSOR_MAX_AGE.
+    cursor: Option<(queries::ClaimCursor, Instant)>,
+    /// A claim of more urgent jobs came back full: ask again before the backlog.
+    urgent_full: bool,
+}
+
+/// A job claimed ahead of a free slot, ordered most urgent first.
+struct Ahead {
+    job: Job,
+    entry: Entry,
+    room: OwnedSemaphorePermit,
+}
+
+impl Ahead {
+    fn key(&self) -> queries::ClaimCursor {
+        (self.job.priority, self.job.run_at, self.job.id)
+    }
+}
+
+impl PartialEq for Ahead {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Ahead {}
+
+impl PartialOrd for Ahead {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ahead {
+    /// Reversed: `BinaryHeap` pops its greatest element, and the most urgent job must come out first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.key().cmp(&self.key())
+    }
+}
+
+struct Producer {
+    /// The claim connection, away while a claim is in flight.
+    conn: Option<ConnSlot>,
+    queue: Arc<QueueRuntime>,
+    shared: Arc<Shared>,
+    done: mpsc::Sender<Finished>,
+    shutdown: CancellationToken,
+    log: Logger,
+    executors: JoinSet<()>,
+    ahead: BinaryHeap<Ahead>,
+    plan: Plan,
+    backoff: Duration,
+}
+
+impl Producer {
+    async fn claim_loop(&mut self) -> TaskResult {
+        let mut in_flight: Option<InFlight> = None;
+        // Claim at once on start-up: jobs may be waiting.
+        let mut wait = Wait::No;
+        loop {
+            self.reap()?;
+            // Start what can start.
+            while !self.ahead.is_empty() {
+                match self.queue.slots.clone().try_acquire_owned() {
+                    Ok(slot) => self.start(slot),
+                    Err(_) => break,
+                }
+            }
+            if in_flight.is_none() && matches!(wait, Wait::No) && !self.shutdown.is_cancelled() {
+                let conn = self.conn.take().expect("the connection is home between claims");
+                in_flight = Some(self.claim(conn));
+            }
+            let (woken_ends_wait, until) = match wait {
+                Wait::No => (false, None),
+                Wait::Idle(until) => (true, Some(until)),
+                Wait::Backoff(until) => (false, Some(until)),
+            };
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    // A claim whose statement was sent is waited for (bounded by the statement
+                    // deadline), so that what it claimed is released rather than left to its lease.
+                    if let Some(claim) = in_flight.take() {
+                        if let (_, Some(ClaimDone { result: Ok(claimed), first, .. })) = claim.await {
+                            self.hold(claimed.jobs, first);
+                        }
+                    }
+                    release(std::mem::take(&mut self.ahead), &self.done).await;
+                    return Ok(());
+                }
+                (conn, done) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    self.conn = Some(conn);
+                    if let Some(done) = done {
+                        wait = self.claimed(done);
+                    }
+                }
+                slot = self.queue.slots.clone().acquire_owned(), if !self.ahead.is_empty() => {
+                    self.start(slot.map_err(|_| "slot semaphore closed".to_string())?);
+                }
+                _ = self.queue.wake.notified(), if woken_ends_wait => wait = Wait::No,
+                _ = sleep_until_opt(until), if until.is_some() => wait = Wait::No,
+            }
+        }
+    }
+
+    /// Takes in what a claim brought and decides when to claim next.
+    fn claimed(&mut self, done: ClaimDone) -> Wait {
+        match done.result {
+            Ok(claimed) => {
+                self.backoff = Duration::from_millis(100);
+                let idle = self.replan(done.from, done.want, &claimed.jobs);
+                let next_due = claimed.next_due_in;
+                self.hold(claimed.jobs, done.first);
+                if !idle {
+                    return Wait::No;
+                }
+                let poll = Instant::now() + self.shared.poll_interval.mul_f64(0.9 + fastrand::f64() * 0.2);
+                let due = next_due.map(|d| Instant::now() + d + TIMER_MARGIN);
+                Wait::Idle(due.map_or(poll, |d| d.min(poll)))
+            }
+            Err(e) => {
+                drop(done.first);
+                warn!(self.log, "claim failed; backing off"; "err" => %e, "backoff_ms" => self.backoff.as_millis() as u64);
+                self.plan.backlog = false;
+                let until = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                Wait::Backoff(until)
+            }
+        }
+    }
+
+    /// Reaps executors that have ended; one that panicked is a bug in this crate.
+    fn reap(&mut self) -> TaskResult {
+        while let Some(ended) = self.executors.try_join_next() {
             if let Err(e) = ended {
                 if e.is_panic() {
                     return Err(format!("executor {}", crate::supervisor::panic_text(e.into_panic())));
                 }
             }
         }
-        if backlog && half > 1 {
-            // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
-            // jobs each as slots freed one by one.
-            let more = tokio::time::timeout(FETCH_COOLDOWN, queue.room.clone().acquire_many_owned(half - 1)).await;
-            drop(more);
-        }
-        let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
-        // A wake-up means something may sort before the cursor (an urgent insert, a retry, released
-        // jobs). While a backlog is worked after a cursor, the answer is a claim of what is more urgent
-        // than the cursor, a bounded range, and the backlog goes on after it; jobs of the cursor's
-        // priority that sort before it wait for the claim from the head that comes at least every
-        // CURSOR_MAX_AGE. Consuming the stored permit here is fine; this claim is the answer to it.
-        // A full claim of more urgent jobs may have left more of them: ask again before the backlog.
-        let woken = queue.wake.notified().now_or_never().is_some() || urgent_full;
-        if cursor.is_some_and(|(_, at)| at.elapsed() > CURSOR_MAX_AGE) {
-            cursor = None;
-        }
-        let after = if backlog { cursor.map(|(c, _)| c) } else { None };
-        let from = match after {
-            Some(c) if woken => queries::ClaimFrom::MoreUrgentThan(c.0),
-            Some(c) => queries::ClaimFrom::After(c),
-            None => queries::ClaimFrom::Head,
-        };
-        let urgent_only = matches!(from, queries::ClaimFrom::MoreUrgentThan(_));
+        Ok(())
+    }
 
-        // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
-        // permit when the producer is not waiting, and the next `notified()` returns at once.
-        let (name, limit, instance) = (&queue.config.name, want as i64, &shared.instance_id);
-        let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
-        let claim = timeout(conn.deadline(), async {
-            queries::job_claim(conn.get().await?, name, limit, instance, lease, max_attempts, from).await
-        })
-        .await;
-        let claimed = match conn.settle(claim) {
-            Ok(c) => {
-                backoff = Duration::from_millis(100);
-                c
-            }
-            Err(e) => {
-                drop(first);
-                warn!(log, "claim failed; backing off"; "err" => %e, "backoff_ms" => backoff.as_millis() as u64);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+    fn start(&mut self, slot: OwnedSemaphorePermit) {
+        let Ahead { job, entry, room } = self.ahead.pop().expect("a job to start");
+        let (queue, shared, done) = (self.queue.clone(), self.shared.clone(), self.done.clone());
+        self.executors.spawn(execute(job, entry, slot, room, queue, shared, done));
+    }
 
-        let n = claimed.jobs.len();
-        if urgent_only {
-            // The cursor stays: the backlog after it is next.
-        } else if n == want {
-            let last = claimed.jobs.iter().map(|j| (j.priority, j.run_at, j.id)).max().expect("a full claim has jobs");
-            cursor = Some((last, cursor.map_or_else(Instant::now, |(_, at)| at)));
-        } else {
-            cursor = None;
-        }
-        let mut first = Some(first);
+    /// Every claimed job is held from here on: registered at once, so that heartbeats extend the lease
+    /// of those still waiting for a slot and a cancel reaches them.
+    fn hold(&mut self, jobs: Vec<Job>, first: OwnedSemaphorePermit) {
         let now = chrono::Utc::now();
-        // Every claimed job is held from here on: registered at once, so that heartbeats extend the
-        // lease of those still waiting for a slot and a cancel reaches them.
-        let mut ahead = VecDeque::with_capacity(n);
-        for job in claimed.jobs {
+        let mut first = Some(first);
+        for job in jobs {
             crate::metrics::job_claimed(&job.queue, (now - job.run_at).as_seconds_f64());
             let room = match first.take() {
                 Some(p) => p,
-                // Only this task takes permits, and `want` did not exceed what was free.
-                None => queue.room.clone().try_acquire_owned().expect("claimed no more jobs than there was room for"),
+                // Only the claim takes room, and it asked for no more than there was: room only grew
+                // while its statement ran.
+                None => {
+                    self.queue.room.clone().try_acquire_owned().expect("claimed no more jobs than there was room for")
+                }
             };
-            debug!(log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
-            let entry = shared.running.insert(job.id, job.attempts);
-            ahead.push_back((job, entry, room));
+            debug!(self.log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
+            let entry = self.shared.running.insert(job.id, job.attempts);
+            self.ahead.push(Ahead { job, entry, room });
         }
-        drop(first);
-        // Started in the order claimed (priority, then run_at), each as soon as a slot is free. The
-        // producer does the waiting rather than each executor, so that the order holds.
-        while let Some((job, entry, room)) = ahead.pop_front() {
-            let slot = match queue.slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        ahead.push_front((job, entry, room));
-                        release(ahead, done).await;
-                        return Ok(());
-                    }
-                    slot = queue.slots.clone().acquire_owned() => slot.map_err(|_| "slot semaphore closed".to_string())?,
+    }
+
+    /// Starts a claim: it waits for room (and, in a backlog, briefly for more room), then runs the
+    /// statement. Gives no answer if shutdown came first.
+    fn claim(&self, mut conn: ConnSlot) -> InFlight {
+        let (queue, shared, shutdown, plan) =
+            (self.queue.clone(), self.shared.clone(), self.shutdown.clone(), self.plan);
+        Box::pin(async move {
+            // Shutdown first: once it began, free room must not lead to another claim.
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return (conn, None),
+                p = queue.room.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return (conn, None),
                 },
             };
-            executors.spawn(execute(job, entry, slot, room, queue.clone(), shared.clone(), done.clone()));
-        }
-        if urgent_only {
+            // A wake-up now asks for whatever is more urgent than the backlog: no wait for more room.
+            let woken = queue.wake.notified().now_or_never().is_some();
+            let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
+            if plan.backlog && half > 1 && !woken && !plan.urgent_full {
+                // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
+                // jobs each as slots freed one by one.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return (conn, None),
+                    _ = timeout(FETCH_COOLDOWN, queue.room.acquire_many(half - 1)) => {}
+                }
+            }
+            let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
+            let from = plan.from(woken || queue.wake.notified().now_or_never().is_some());
+            // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
+            // permit when the producer is not waiting, and the next `notified()` returns at once.
+            let (name, instance) = (&queue.config.name, &shared.instance_id);
+            let (lease, max_attempts) = (shared.lease, queue.config.retry.max_attempts);
+            let claim = timeout(conn.deadline(), async {
+                queries::job_claim(conn.get().await?, name, want as i64, instance, lease, max_attempts, from).await
+            })
+            .await;
+            let result = conn.settle(claim);
+            (conn, Some(ClaimDone { from, want, first, result }))
+        })
+    }
+
+    /// Decides the next claim from what this one found. Returns whether the producer should now wait
+    /// (wake-up, poll tick, next due job) rather than claim again as soon as there is room.
+    fn replan(&mut self, from: queries::ClaimFrom, want: usize, jobs: &[Job]) -> bool {
+        let full = jobs.len() == want;
+        let plan = &mut self.plan;
+        if let queries::ClaimFrom::MoreUrgentThan(_) = from {
             // However many came back, the backlog after the cursor is still there.
-            urgent_full = n == want;
-            backlog = true;
-            continue;
+            plan.urgent_full = full;
+            plan.backlog = true;
+            return false;
         }
-        urgent_full = false;
-        backlog = n == want;
-        if !backlog && after.is_some() {
+        plan.urgent_full = false;
+        if full {
+            let last = jobs.iter().map(|j| (j.priority, j.run_at, j.id)).max().expect("a full claim has jobs");
+            // A claim from the head starts the cursor's age again; one after the cursor keeps it.
+            let since = match (from, plan.cursor) {
+                (queries::ClaimFrom::After(_), Some((_, at))) => at,
+                _ => Instant::now(),
+            };
+            plan.cursor = Some((last, since));
+        } else {
+            plan.cursor = None;
+        }
+        plan.backlog = full;
+        if !full && matches!(from, queries::ClaimFrom::After(_)) {
             // Nothing more after the cursor; what sorts before it (if anything) is for a claim from
             // the head, at once rather than after the poll interval.
-            backlog = true;
-            continue;
+            plan.backlog = true;
         }
-        if backlog {
-            // There may be more: claim again as soon as slots are free.
-            continue;
-        }
+        !plan.backlog
+    }
+}
 
-        let due = claimed.next_due_in.map(|d| Instant::now() + d + TIMER_MARGIN);
-        let poll = shared.poll_interval.mul_f64(0.9 + fastrand::f64() * 0.2);
-        tokio::select! {
-            _ = queue.wake.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
-            _ = sleep_until_opt(due) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+impl Plan {
+    /// Where the next claim starts. A wake-up means something may sort before the cursor (an urgent
+    /// insert, a retry, released jobs). While a backlog is worked after a cursor, the answer is a claim
+    /// of what is more urgent than the cursor, a bounded range, and the backlog goes on after it; jobs
+    /// of the cursor's priority that sort before it wait for the claim from the head that comes at
+    /// least every CURSOR_MAX_AGE. Consuming the stored wake-up is fine; this claim is the answer to it.
+    fn from(self, woken: bool) -> queries::ClaimFrom {
+        let cursor = self.cursor.filter(|(_, at)| at.elapsed() <= CURSOR_MAX_AGE);
+        match cursor {
+            Some((c, _)) if self.backlog && (woken || self.urgent_full) => queries::ClaimFrom::MoreUrgentThan(c.0),
+            Some((c, _)) if self.backlog => queries::ClaimFrom::After(c),
+            _ => queries::ClaimFrom::Head,
         }
     }
 }
 
 /// Gives jobs claimed ahead back at shutdown: they go to the completer as released (back to pending,
 /// the attempt not counted), without their handlers ever starting.
-async fn release(ahead: VecDeque<(Job, Entry, OwnedSemaphorePermit)>, done: &mpsc::Sender<Finished>) {
-    for (job, _entry, room) in ahead {
+async fn release(ahead: BinaryHeap<Ahead>, done: &mpsc::Sender<Finished>) {
+    for Ahead { job, room, .. } in ahead.into_sorted_vec() {
         let finished =
             Finished { attempt: Attempt::of(&job), outcome: Outcome::Released, started: std::time::Instant::now() };
         // The completer outlives every producer; a failed send means the process is exiting.

@@ -1,0 +1,171 @@
+//! The order in which jobs run: claims after a cursor while a backlog is worked through, urgent jobs
+//! overtaking it, the local queue of jobs claimed ahead, and the upkeep of the claim index after a
+//! burst.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{count, wait_count, TestDb};
+use jobqueue::{HandlerError, JobContext};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+/// Starts an instance with two slots whose handler records each payload and takes at least 1 ms,
+/// and waits until 50 jobs of the backlog already inserted have run. Returns the recorded order and
+/// its length at that moment.
+async fn drain_under_way(db: &TestDb) -> (jobqueue::Service, Arc<Mutex<Vec<Value>>>, usize) {
+    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let handler = {
+        let order = order.clone();
+        move |ctx: JobContext| {
+            order.lock().unwrap().push(ctx.job.payload.clone());
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        }
+    };
+    let svc = common::start_with(db.config(2), handler).await;
+    common::eventually(Duration::from_secs(10), "the drain under way", || {
+        let n = order.lock().unwrap().len();
+        async move { (n >= 50).then_some(()) }
+    })
+    .await;
+    let before = order.lock().unwrap().len();
+    (svc, order, before)
+}
+
+/// While a backlog is worked through, claims continue after where the last one ended (so they do
+/// not walk the dead index entries of every job claimed before); a more urgent job inserted
+/// meanwhile must still run next, not after the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i").await.unwrap();
+    let (svc, order, before) = drain_under_way(&db).await;
+    c.batch_execute("INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)").await.unwrap();
+    let at = common::eventually(Duration::from_secs(10), "the urgent job ran", || {
+        let pos = order.lock().unwrap().iter().position(|p| p == "urgent");
+        async move { pos }
+    })
+    .await;
+    // Behind it at most what was already claimed (2 running, 2 ahead) and a claim in flight.
+    assert!(at < before + 10, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
+    svc.stop().await.expect("stops cleanly");
+}
+
+/// A wake-up during a backlog claims only what is more urgent than the cursor; a job of the same
+/// priority that sorts before the cursor (here: inserted with an old `run_at`) is found by the claim
+/// from the head that comes at least every second, so it still runs long before the backlog ends
+/// (two slots of at least 1 ms each: the backlog takes at least 3 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sorting_before_the_cursor_runs_before_the_backlog_ends() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 6000) AS i").await.unwrap();
+    let (svc, order, before) = drain_under_way(&db).await;
+    c.batch_execute("INSERT INTO jobs (payload, run_at) VALUES ('\"old\"', now() - interval '1 hour')").await.unwrap();
+    let at = common::eventually(Duration::from_secs(30), "the old job ran", || {
+        let pos = order.lock().unwrap().iter().position(|p| p == "old");
+        async move { pos }
+    })
+    .await;
+    // Found within about a second, when at most about 2,000 backlog jobs can have run.
+    assert!(at < before + 4000, "the old job ran as job {at}, {} jobs after its insert", at - before);
+    svc.stop().await.expect("stops cleanly");
+}
+
+/// After a burst has drained, the claim index and heap of `jobs_active` are full of dead versions
+/// that every claim from the head walks until a vacuum; autovacuum may take up to a minute to come
+/// round, so an instance vacuums the partition itself once dead versions outnumber live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_burst_is_vacuumed_without_waiting_for_autovacuum() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let vacuumed = "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'jobs_active' AND last_vacuum IS NOT NULL";
+    assert_eq!(count(&c, vacuumed).await, 0, "a fresh database has never been vacuumed by hand");
+    let svc = common::start_with(db.config(100), common::noop()).await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT '{}' FROM generate_series(1, 30000)").await.unwrap();
+    wait_count(&c, Duration::from_secs(120), "burst done", "SELECT count(*) FROM jobs WHERE status = 'done'", 30000)
+        .await;
+    wait_count(&c, Duration::from_secs(30), "jobs_active vacuumed by an instance", vacuumed, 1).await;
+    // A vacuum may have run mid-burst, once dead versions outnumbered the live; another follows the
+    // drain's end, which leaves fewer dead versions than the threshold.
+    common::eventually(Duration::from_secs(30), "the drained burst's dead versions removed", || async {
+        let dead = count(&c, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'jobs_active'").await;
+        (dead < 10_000).then_some(())
+    })
+    .await;
+    svc.stop().await.expect("stops cleanly");
+}
+
+/// Jobs claimed ahead of a free slot start most urgent first across claims, not in claim order, and
+/// the producer claims while they wait: an urgent job that a later claim brings starts at the next
+/// free slot, before a job claimed earlier. (Before the local queue, the producer waited for a slot
+/// for each job it had claimed, in order, and claimed nothing meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_claim_of_an_urgent_job_starts_it_before_jobs_claimed_ahead() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = {
+        let (order, gate) = (order.clone(), gate.clone());
+        move |ctx: JobContext| {
+            order.lock().unwrap().push(ctx.job.payload.clone());
+            let blocks = ctx.job.payload.as_str().is_some_and(|p| p.starts_with("block"));
+            let gate = gate.clone();
+            async move {
+                if blocks {
+                    gate.acquire().await.expect("the gate stays open").forget();
+                }
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        }
+    };
+    // Its own queue, so that its claim count in the process-wide metrics is its own.
+    let config = jobqueue::Config { queues: vec![], ..db.config(2) };
+    let svc = jobqueue::Builder::new(config)
+        .queue(jobqueue::QueueConfig::new("order", 2))
+        .handler("order", handler)
+        .start()
+        .await
+        .expect("service starts");
+    // How many jobs the producer has taken in (the wait of each is recorded as it is held).
+    let held = || {
+        let text = jobqueue::metrics::handle().expect("the service's recorder").render();
+        let line = text.lines().find(|l| l.starts_with(r#"jobqueue_job_wait_seconds_count{queue="order"}"#));
+        line.and_then(|l| l.rsplit(' ').next()).map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    // Two slots and room for four: both blockers run and `ahead` waits for a slot, with room left.
+    c.batch_execute(r#"INSERT INTO jobs (queue, payload) VALUES ('order', '"block1"'), ('order', '"block2"'), ('order', '"ahead"')"#)
+        .await
+        .unwrap();
+    common::eventually(Duration::from_secs(10), "the blockers running and one job claimed ahead", || {
+        let n = (held(), order.lock().unwrap().len());
+        async move { (n == (3, 2)).then_some(()) }
+    })
+    .await;
+    c.batch_execute(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('order', '"urgent"', -5)"#).await.unwrap();
+    common::eventually(Duration::from_secs(10), "the urgent job claimed while the others wait", || {
+        let n = held();
+        async move { (n == 4).then_some(()) }
+    })
+    .await;
+    assert_eq!(order.lock().unwrap().len(), 2, "only the blockers have started");
+    // One slot at a time: two executors started together may call their handlers in either order.
+    gate.add_permits(1);
+    common::eventually(Duration::from_secs(10), "a third job started", || {
+        let n = order.lock().unwrap().len();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert_eq!(order.lock().unwrap()[2], "urgent", "the urgent job takes the first free slot");
+    gate.add_permits(1);
+    wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 4).await;
+    assert_eq!(order.lock().unwrap()[3], "ahead");
+    svc.stop().await.expect("stops cleanly");
+}
