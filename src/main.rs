@@ -9,6 +9,12 @@ use jobqueue::worker::handlers;
 use jobqueue::{logging, service, Builder};
 use slog::{error, info};
 
+/// mimalloc rather than glibc's malloc: in a drain of no-op jobs glibc's allocator (its free-list
+/// consolidation above all) was a quarter of this process's CPU; see docs/performance.md. The
+/// library leaves the choice to programs that embed it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // A missing .env is normal; variables already set in the environment win over it.
     let _ = dotenvy::dotenv();
