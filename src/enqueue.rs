@@ -18,13 +18,15 @@ use std::sync::Arc;
 
 use slog::{error, Logger};
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::time::timeout;
 
-use crate::db::{queries, DbError, ErrorClass, Pool};
+use crate::db::{queries, ConnSlot, Connector, DbError, ErrorClass, Purpose};
 use crate::job::{Job, NewJob};
 use crate::supervisor::TaskResult;
 
-/// Statements in flight at once. Each holds a pooled connection while it runs; while all are busy,
-/// requests queue up and the next statement takes them all.
+/// Statements in flight at once, each flusher on its own connection (`jobqueue-enqueue`), where the
+/// statement is prepared once; while all are busy, requests queue up and the next statement takes
+/// them all.
 const FLUSHERS: usize = 4;
 /// Requests per statement at most.
 const MAX_BATCH: usize = 500;
@@ -44,11 +46,14 @@ pub struct Enqueuer {
 impl Enqueuer {
     /// The handle, and the flushers to run (under the service's supervisor) for as long as the handle
     /// lives: they return once every handle is gone and the queue is empty.
-    pub fn new(pool: Pool, log: Logger) -> (Arc<Enqueuer>, impl Future<Output = TaskResult> + Send + 'static) {
+    pub fn new(
+        connector: Arc<Connector>,
+        log: Logger,
+    ) -> (Arc<Enqueuer>, impl Future<Output = TaskResult> + Send + 'static) {
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let rx = Arc::new(Mutex::new(rx));
         let run = async move {
-            let flushers = (0..FLUSHERS).map(|_| flusher(rx.clone(), pool.clone(), log.clone()));
+            let flushers = (0..FLUSHERS).map(|_| flusher(rx.clone(), connector.clone(), log.clone()));
             futures_util::future::join_all(flushers).await;
             Ok(())
         };
@@ -64,7 +69,9 @@ impl Enqueuer {
     }
 }
 
-async fn flusher(rx: Arc<Mutex<mpsc::Receiver<Request>>>, pool: Pool, log: Logger) {
+async fn flusher(rx: Arc<Mutex<mpsc::Receiver<Request>>>, connector: Arc<Connector>, log: Logger) {
+    // Opened on the first batch, and again after a failure.
+    let mut conn = ConnSlot::with_purpose(&connector, Purpose::Enqueue, &log);
     loop {
         let batch = {
             // One flusher at a time waits for the next request, then takes everything queued behind it.
@@ -79,28 +86,27 @@ async fn flusher(rx: Arc<Mutex<mpsc::Receiver<Request>>>, pool: Pool, log: Logge
             }
             batch
         };
-        flush(batch, &pool, &log).await;
+        flush(batch, &mut conn, &log).await;
     }
 }
 
-async fn flush(batch: Vec<Request>, pool: &Pool, log: &Logger) {
+async fn flush(batch: Vec<Request>, slot: &mut ConnSlot, log: &Logger) {
     // A request whose client has gone (its deadline passed, it hung up) is not inserted: nobody would
     // learn the job's id, and the client may already be retrying.
     let batch: Vec<Request> = batch.into_iter().filter(|r| !r.reply.is_closed()).collect();
     if batch.is_empty() {
         return;
     }
-    let client = match pool.get().await {
-        Ok(c) => c,
-        Err(e) => return answer_all(batch, DbError::from(e)),
-    };
     let jobs: Vec<&NewJob> = batch.iter().map(|r| &r.job).collect();
-    match queries::job_insert_many(&client, &jobs).await {
+    let many = timeout(slot.deadline(), async { queries::job_insert_many(slot.get().await?, &jobs).await }).await;
+    let many = slot.settle(many);
+    drop(jobs);
+    match many {
         Ok(results) => {
             for (r, result) in batch.into_iter().zip(results) {
                 let result = match result {
                     Some(done) => Ok(done),
-                    None => queries::job_insert(&client, &r.job).await,
+                    None => insert_one(slot, &r.job).await,
                 };
                 let _ = r.reply.send(result);
             }
@@ -113,11 +119,17 @@ async fn flush(batch: Vec<Request>, pool: &Pool, log: &Logger) {
                 error!(log, "bug: a coalesced insert failed; inserting its jobs one by one"; "err" => %e);
             }
             for r in batch {
-                let result = queries::job_insert(&client, &r.job).await;
+                let result = insert_one(slot, &r.job).await;
                 let _ = r.reply.send(result);
             }
         }
     }
+}
+
+/// One job by itself ([`queries::job_insert`], which retries a key race), under the same deadline.
+async fn insert_one(slot: &mut ConnSlot, job: &NewJob) -> Result<(Job, bool), DbError> {
+    let one = timeout(slot.deadline(), async { queries::job_insert(slot.get().await?.client(), job).await }).await;
+    slot.settle(one)
 }
 
 fn answer_all(batch: Vec<Request>, e: DbError) {

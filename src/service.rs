@@ -235,7 +235,7 @@ impl Builder {
                 tokio::net::TcpListener::bind(bind).await.map_err(|source| StartError::Bind { addr: bind, source })?;
             let local = listener.local_addr().map_err(|source| StartError::Bind { addr: bind, source })?;
             let (enqueuer, flushers) =
-                crate::enqueue::Enqueuer::new(pool.clone(), log.new(slog::o!("component" => "enqueue")));
+                crate::enqueue::Enqueuer::new(connector.clone(), log.new(slog::o!("component" => "enqueue")));
             // Ends once the API (the only holder of the enqueuer) has stopped.
             supervisor.spawn("enqueue", flushers);
             let state = Arc::new(ApiState {

@@ -473,7 +473,7 @@ pub fn api_state_with(url: &str, statement_timeout: Duration, max_long_polls: us
     let pool = connector.pool(4, Duration::from_secs(5));
     let waiters = Arc::new(jobqueue::waiters::Waiters::default());
     let (remote, writer) = jobqueue::remote::Remote::new(jobqueue::remote::RemoteSettings {
-        connector,
+        connector: connector.clone(),
         pool: pool.clone(),
         policies: Default::default(),
         default_retry: Default::default(),
@@ -485,7 +485,7 @@ pub fn api_state_with(url: &str, statement_timeout: Duration, max_long_polls: us
     });
     // The remote finisher and the insert flushers; the service runs them under its supervisor.
     tokio::spawn(writer);
-    let (enqueuer, flushers) = jobqueue::enqueue::Enqueuer::new(pool.clone(), jobqueue::logging::discard());
+    let (enqueuer, flushers) = jobqueue::enqueue::Enqueuer::new(connector, jobqueue::logging::discard());
     tokio::spawn(flushers);
     jobqueue::api::ApiState {
         pool,
