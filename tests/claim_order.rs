@@ -102,6 +102,74 @@ async fn a_drained_burst_is_vacuumed_without_waiting_for_autovacuum() {
     svc.stop().await.expect("stops cleanly");
 }
 
+/// An instance serving queue `queue` with two slots, whose handler records each payload as it starts
+/// and holds jobs whose payload starts with "block" until the gate lets them through.
+struct Gated {
+    svc: jobqueue::Service,
+    queue: &'static str,
+    order: Arc<Mutex<Vec<Value>>>,
+    gate: Arc<Semaphore>,
+}
+
+impl Gated {
+    /// Its own queue, so that its claim count in the process-wide metrics is its own.
+    async fn start(db: &TestDb, queue: &'static str) -> Gated {
+        let order: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let gate = Arc::new(Semaphore::new(0));
+        let handler = {
+            let (order, gate) = (order.clone(), gate.clone());
+            move |ctx: JobContext| {
+                order.lock().unwrap().push(ctx.job.payload.clone());
+                let blocks = ctx.job.payload.as_str().is_some_and(|p| p.starts_with("block"));
+                let gate = gate.clone();
+                async move {
+                    if blocks {
+                        gate.acquire().await.expect("the gate stays open").forget();
+                    }
+                    Ok::<_, HandlerError>(Value::Null)
+                }
+            }
+        };
+        let config = jobqueue::Config { queues: vec![], ..db.config(2) };
+        let svc = jobqueue::Builder::new(config)
+            .queue(jobqueue::QueueConfig::new(queue, 2))
+            .handler(queue, handler)
+            .start()
+            .await
+            .expect("service starts");
+        Gated { svc, queue, order, gate }
+    }
+
+    /// How many jobs the producer has taken in (the wait of each is recorded as it is held).
+    fn held(&self) -> u64 {
+        let text = jobqueue::metrics::handle().expect("the service's recorder").render();
+        let prefix = format!(r#"jobqueue_job_wait_seconds_count{{queue="{}"}}"#, self.queue);
+        let line = text.lines().find(|l| l.starts_with(&prefix));
+        line.and_then(|l| l.rsplit(' ').next()).map_or(0, |n| n.parse::<u64>().expect("a count"))
+    }
+
+    fn started(&self) -> Vec<Value> {
+        self.order.lock().unwrap().clone()
+    }
+
+    async fn until(&self, what: &str, done: impl Fn(&Gated) -> bool) {
+        common::eventually(Duration::from_secs(10), what, || {
+            let ok = done(self);
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Lets one blocked job end, and waits for the next job to start: one slot at a time, since two
+    /// executors started together may call their handlers in either order.
+    async fn next_start(&self) -> Value {
+        let n = self.started().len();
+        self.gate.add_permits(1);
+        self.until("the next job started", |g| g.started().len() > n).await;
+        self.started()[n].clone()
+    }
+}
+
 /// Jobs claimed ahead of a free slot start most urgent first across claims, not in claim order, and
 /// the producer claims while they wait: an urgent job that a later claim brings starts at the next
 /// free slot, before a job claimed earlier. (Before the local queue, the producer waited for a slot
@@ -110,62 +178,45 @@ async fn a_drained_burst_is_vacuumed_without_waiting_for_autovacuum() {
 async fn a_later_claim_of_an_urgent_job_starts_it_before_jobs_claimed_ahead() {
     let db = TestDb::new().await;
     let c = db.client().await;
-    let order: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = {
-        let (order, gate) = (order.clone(), gate.clone());
-        move |ctx: JobContext| {
-            order.lock().unwrap().push(ctx.job.payload.clone());
-            let blocks = ctx.job.payload.as_str().is_some_and(|p| p.starts_with("block"));
-            let gate = gate.clone();
-            async move {
-                if blocks {
-                    gate.acquire().await.expect("the gate stays open").forget();
-                }
-                Ok::<_, HandlerError>(Value::Null)
-            }
-        }
-    };
-    // Its own queue, so that its claim count in the process-wide metrics is its own.
-    let config = jobqueue::Config { queues: vec![], ..db.config(2) };
-    let svc = jobqueue::Builder::new(config)
-        .queue(jobqueue::QueueConfig::new("order", 2))
-        .handler("order", handler)
-        .start()
-        .await
-        .expect("service starts");
-    // How many jobs the producer has taken in (the wait of each is recorded as it is held).
-    let held = || {
-        let text = jobqueue::metrics::handle().expect("the service's recorder").render();
-        let line = text.lines().find(|l| l.starts_with(r#"jobqueue_job_wait_seconds_count{queue="order"}"#));
-        line.and_then(|l| l.rsplit(' ').next()).map_or(0, |n| n.parse::<u64>().expect("a count"))
-    };
+    let g = Gated::start(&db, "order").await;
     // Two slots and room for four: both blockers run and `ahead` waits for a slot, with room left.
     c.batch_execute(r#"INSERT INTO jobs (queue, payload) VALUES ('order', '"block1"'), ('order', '"block2"'), ('order', '"ahead"')"#)
         .await
         .unwrap();
-    common::eventually(Duration::from_secs(10), "the blockers running and one job claimed ahead", || {
-        let n = (held(), order.lock().unwrap().len());
-        async move { (n == (3, 2)).then_some(()) }
-    })
-    .await;
+    g.until("the blockers running and one job claimed ahead", |g| g.held() == 3 && g.started().len() == 2).await;
     c.batch_execute(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('order', '"urgent"', -5)"#).await.unwrap();
-    common::eventually(Duration::from_secs(10), "the urgent job claimed while the others wait", || {
-        let n = held();
-        async move { (n == 4).then_some(()) }
-    })
-    .await;
-    assert_eq!(order.lock().unwrap().len(), 2, "only the blockers have started");
-    // One slot at a time: two executors started together may call their handlers in either order.
-    gate.add_permits(1);
-    common::eventually(Duration::from_secs(10), "a third job started", || {
-        let n = order.lock().unwrap().len();
-        async move { (n >= 3).then_some(()) }
-    })
-    .await;
-    assert_eq!(order.lock().unwrap()[2], "urgent", "the urgent job takes the first free slot");
-    gate.add_permits(1);
+    g.until("the urgent job claimed while the others wait", |g| g.held() == 4).await;
+    assert_eq!(g.started().len(), 2, "only the blockers have started");
+    assert_eq!(g.next_start().await, "urgent", "the urgent job takes the first free slot");
+    // The urgent job ends at once, and its slot goes to the job claimed ahead.
+    g.until("the job claimed ahead started", |g| g.started().len() == 4).await;
+    assert_eq!(g.started()[3], "ahead");
+    g.gate.add_permits(1);
     wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 4).await;
-    assert_eq!(order.lock().unwrap()[3], "ahead");
-    svc.stop().await.expect("stops cleanly");
+    g.svc.stop().await.expect("stops cleanly");
+}
+
+/// With the room full (every slot busy, as many jobs claimed ahead) during a backlog, a wake-up is
+/// answered at once from a small reserve of places for urgent jobs, rather than after a job ends: when
+/// long jobs end together, the freed slots took the jobs claimed ahead before a claim that waited for
+/// room came back, and the urgent job waited a whole round more (100 ms behind 50 ms jobs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_is_claimed_at_once_when_the_room_is_full() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let g = Gated::start(&db, "reserve").await;
+    // Room for four: the first claim takes four of the six (a backlog), two run and two wait.
+    c.batch_execute(
+        r#"INSERT INTO jobs (queue, payload) SELECT 'reserve', to_jsonb('block' || i) FROM generate_series(1, 6) AS i"#,
+    )
+    .await
+    .unwrap();
+    g.until("the room full", |g| g.held() == 4 && g.started().len() == 2).await;
+    c.batch_execute(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('reserve', '"urgent"', -5)"#).await.unwrap();
+    g.until("the urgent job claimed though no job has ended", |g| g.held() == 5).await;
+    assert_eq!(g.started().len(), 2, "nothing else has started");
+    assert_eq!(g.next_start().await, "urgent", "the urgent job takes the first free slot");
+    g.gate.add_permits(10);
+    wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 7).await;
+    g.svc.stop().await.expect("stops cleanly");
 }

@@ -57,13 +57,29 @@ pub(crate) struct QueueRuntime {
     /// One permit per job this instance may hold for the queue: running ones plus those claimed ahead
     /// of a free slot (`concurrency + prefetch`). The producer sizes its claims by these.
     pub room: Arc<Semaphore>,
+    /// A few more places, for the claim that answers a wake-up during a backlog (`urgent_reserve`).
+    pub reserve: Arc<Semaphore>,
 }
 
 impl QueueRuntime {
-    /// Jobs held at most: running plus claimed ahead.
-    pub fn capacity(&self) -> usize {
+    /// Places of `room`: running plus claimed ahead.
+    pub fn room_size(&self) -> usize {
         self.config.concurrency + prefetch(self.config.concurrency)
     }
+
+    /// Jobs held at most: running, claimed ahead, and urgent ones claimed from the reserve.
+    pub fn capacity(&self) -> usize {
+        self.room_size() + urgent_reserve(self.config.concurrency)
+    }
+}
+
+/// Places kept apart for urgent jobs, per queue. When every slot runs a long job, the room frees only
+/// as jobs end, often all at once (jobs started together end together); an urgent claim that waited
+/// for room came back just after those freed slots had taken the jobs claimed ahead, and its job
+/// waited for the next round: 100 ms behind 50 ms jobs. From the reserve it is claimed at once and
+/// takes the first slot that frees.
+pub(crate) fn urgent_reserve(concurrency: usize) -> usize {
+    (concurrency / 10).clamp(1, 100)
 }
 
 /// Jobs claimed ahead of free slots, per queue: as many as the queue has slots, so that a slot that
@@ -116,6 +132,7 @@ impl Engine {
                 Arc::new(QueueRuntime {
                     slots: Arc::new(Semaphore::new(config.concurrency)),
                     room: Arc::new(Semaphore::new(config.concurrency + prefetch(config.concurrency))),
+                    reserve: Arc::new(Semaphore::new(urgent_reserve(config.concurrency))),
                     config,
                     handler,
                     wake: Arc::new(Notify::new()),
@@ -215,7 +232,8 @@ impl Engine {
         }
         let all_idle = async {
             for q in &self.queues {
-                let _ = q.room.acquire_many(q.capacity() as u32).await;
+                let _ = q.room.acquire_many(q.room_size() as u32).await;
+                let _ = q.reserve.acquire_many(urgent_reserve(q.config.concurrency) as u32).await;
             }
         };
         if tokio::time::timeout(self.shutdown_timeout, all_idle).await.is_err() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use slog::{debug, warn, Logger};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -81,8 +81,10 @@ type InFlight = Pin<Box<dyn Future<Output = (ConnSlot, Option<ClaimDone>)> + Sen
 struct ClaimDone {
     from: queries::ClaimFrom,
     want: usize,
-    /// The first place of room, held since before the statement; the others are taken per job.
+    /// The first place, held since before the statement; the others are taken per job from `places`,
+    /// the queue's room or its urgent reserve.
     first: OwnedSemaphorePermit,
+    places: Arc<Semaphore>,
     result: Result<queries::Claimed, DbError>,
 }
 
@@ -186,8 +188,8 @@ impl Producer {
                     // A claim whose statement was sent is waited for (bounded by the statement
                     // deadline), so that what it claimed is released rather than left to its lease.
                     if let Some(claim) = in_flight.take() {
-                        if let (_, Some(ClaimDone { result: Ok(claimed), first, .. })) = claim.await {
-                            self.hold(claimed.jobs, first);
+                        if let (_, Some(ClaimDone { result: Ok(claimed), first, places, .. })) = claim.await {
+                            self.hold(claimed.jobs, first, &places);
                         }
                     }
                     release(std::mem::take(&mut self.ahead), &self.done).await;
@@ -216,7 +218,7 @@ impl Producer {
                 self.backoff = Duration::from_millis(100);
                 let idle = self.replan(done.from, done.want, &claimed.jobs);
                 let next_due = claimed.next_due_in;
-                self.hold(claimed.jobs, done.first);
+                self.hold(claimed.jobs, done.first, &done.places);
                 if !idle {
                     return Wait::No;
                 }
@@ -255,18 +257,16 @@ impl Producer {
 
     /// Every claimed job is held from here on: registered at once, so that heartbeats extend the lease
     /// of those still waiting for a slot and a cancel reaches them.
-    fn hold(&mut self, jobs: Vec<Job>, first: OwnedSemaphorePermit) {
+    fn hold(&mut self, jobs: Vec<Job>, first: OwnedSemaphorePermit, places: &Arc<Semaphore>) {
         let now = chrono::Utc::now();
         let mut first = Some(first);
         for job in jobs {
             crate::metrics::job_claimed(&job.queue, (now - job.run_at).as_seconds_f64());
             let room = match first.take() {
                 Some(p) => p,
-                // Only the claim takes room, and it asked for no more than there was: room only grew
-                // while its statement ran.
-                None => {
-                    self.queue.room.clone().try_acquire_owned().expect("claimed no more jobs than there was room for")
-                }
+                // Only the claim takes places, and it asked for no more than there were: they only
+                // grew while its statement ran.
+                None => places.clone().try_acquire_owned().expect("claimed no more jobs than there were places for"),
             };
             debug!(self.log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
             let entry = self.shared.running.insert(job.id, job.attempts);
@@ -275,24 +275,36 @@ impl Producer {
     }
 
     /// Starts a claim: it waits for room (and, in a backlog, briefly for more room), then runs the
-    /// statement. Gives no answer if shutdown came first.
+    /// statement. The answer to a wake-up during a backlog takes its places from the urgent reserve
+    /// instead, if it has any, without waiting. Gives no answer if shutdown came first.
     fn claim(&self, mut conn: ConnSlot) -> InFlight {
         let (queue, shared, shutdown, plan) =
             (self.queue.clone(), self.shared.clone(), self.shutdown.clone(), self.plan);
         Box::pin(async move {
-            // Shutdown first: once it began, free room must not lead to another claim.
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return (conn, None),
-                p = queue.room.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return (conn, None),
-                },
+            // Whether a wake-up would be answered by a claim of the more urgent jobs only.
+            let urgent = matches!(plan.from(true), queries::ClaimFrom::MoreUrgentThan(_));
+            let mut woken = queue.wake.notified().now_or_never().is_some();
+            let (first, places) = loop {
+                if urgent && (woken || plan.urgent_full) {
+                    if let Ok(p) = queue.reserve.clone().try_acquire_owned() {
+                        break (p, queue.reserve.clone());
+                    }
+                }
+                // Shutdown first: once it began, free room must not lead to another claim.
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return (conn, None),
+                    p = queue.room.clone().acquire_owned() => match p {
+                        Ok(p) => break (p, queue.room.clone()),
+                        Err(_) => return (conn, None),
+                    },
+                    _ = queue.wake.notified(), if urgent && !woken => woken = true,
+                }
             };
             // A wake-up now asks for whatever is more urgent than the backlog: no wait for more room.
-            let woken = queue.wake.notified().now_or_never().is_some();
-            let half = (queue.capacity().min(MAX_CLAIM) / 2) as u32;
-            if plan.backlog && half > 1 && !woken && !plan.urgent_full {
+            woken = woken || queue.wake.notified().now_or_never().is_some();
+            let half = (queue.room_size().min(MAX_CLAIM) / 2) as u32;
+            if Arc::ptr_eq(&places, &queue.room) && plan.backlog && half > 1 && !woken && !plan.urgent_full {
                 // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
                 // jobs each as slots freed one by one.
                 tokio::select! {
@@ -300,7 +312,7 @@ impl Producer {
                     _ = timeout(FETCH_COOLDOWN, queue.room.acquire_many(half - 1)) => {}
                 }
             }
-            let want = (1 + queue.room.available_permits()).min(MAX_CLAIM);
+            let want = (1 + places.available_permits()).min(MAX_CLAIM);
             let from = plan.from(woken || queue.wake.notified().now_or_never().is_some());
             // A wake-up that arrives while the claim is in flight is not lost: `notify_one` stores a
             // permit when the producer is not waiting, and the next `notified()` returns at once.
@@ -311,7 +323,7 @@ impl Producer {
             })
             .await;
             let result = conn.settle(claim);
-            (conn, Some(ClaimDone { from, want, first, result }))
+            (conn, Some(ClaimDone { from, want, first, places, result }))
         })
     }
 
