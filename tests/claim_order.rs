@@ -12,10 +12,16 @@ use jobqueue::{HandlerError, JobContext};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-/// Starts an instance with two slots whose handler records each payload and takes at least 1 ms,
-/// and waits until 50 jobs of the backlog already inserted have run. Returns the recorded order and
-/// its length at that moment.
-async fn drain_under_way(db: &TestDb) -> (jobqueue::Service, Arc<Mutex<Vec<Value>>>, usize) {
+/// Inserts a backlog of `backlog` jobs, starts an instance with two slots whose handler records each
+/// payload and takes at least 1 ms, and once 50 have run executes `insert`, which adds one job whose
+/// payload is the string `marker`. Returns when that job ran: its place in the recorded order, and how
+/// many jobs had run before the insert.
+async fn place_behind_backlog(backlog: i32, insert: &str, marker: &str, within: Duration) -> (usize, usize) {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, $1) AS i", &[&backlog])
+        .await
+        .unwrap();
     let order: Arc<Mutex<Vec<Value>>> = Arc::default();
     let handler = {
         let order = order.clone();
@@ -34,7 +40,14 @@ async fn drain_under_way(db: &TestDb) -> (jobqueue::Service, Arc<Mutex<Vec<Value
     })
     .await;
     let before = order.lock().unwrap().len();
-    (svc, order, before)
+    c.batch_execute(insert).await.unwrap();
+    let at = common::eventually(within, &format!("the {marker} job ran"), || {
+        let pos = order.lock().unwrap().iter().position(|p| p == marker);
+        async move { pos }
+    })
+    .await;
+    svc.stop().await.expect("stops cleanly");
+    (at, before)
 }
 
 /// While a backlog is worked through, claims continue after where the last one ended (so they do
@@ -42,19 +55,10 @@ async fn drain_under_way(db: &TestDb) -> (jobqueue::Service, Arc<Mutex<Vec<Value
 /// meanwhile must still run next, not after the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i").await.unwrap();
-    let (svc, order, before) = drain_under_way(&db).await;
-    c.batch_execute("INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)").await.unwrap();
-    let at = common::eventually(Duration::from_secs(10), "the urgent job ran", || {
-        let pos = order.lock().unwrap().iter().position(|p| p == "urgent");
-        async move { pos }
-    })
-    .await;
+    let insert = "INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)";
+    let (at, before) = place_behind_backlog(2000, insert, "urgent", Duration::from_secs(10)).await;
     // Behind it at most what was already claimed (2 running, 2 ahead) and a claim in flight.
     assert!(at < before + 10, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
-    svc.stop().await.expect("stops cleanly");
 }
 
 /// A wake-up during a backlog claims only what is more urgent than the cursor; a job of the same
@@ -63,19 +67,10 @@ async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
 /// (two slots of at least 1 ms each: the backlog takes at least 3 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_sorting_before_the_cursor_runs_before_the_backlog_ends() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 6000) AS i").await.unwrap();
-    let (svc, order, before) = drain_under_way(&db).await;
-    c.batch_execute("INSERT INTO jobs (payload, run_at) VALUES ('\"old\"', now() - interval '1 hour')").await.unwrap();
-    let at = common::eventually(Duration::from_secs(30), "the old job ran", || {
-        let pos = order.lock().unwrap().iter().position(|p| p == "old");
-        async move { pos }
-    })
-    .await;
+    let insert = "INSERT INTO jobs (payload, run_at) VALUES ('\"old\"', now() - interval '1 hour')";
+    let (at, before) = place_behind_backlog(6000, insert, "old", Duration::from_secs(30)).await;
     // Found within about a second, when at most about 2,000 backlog jobs can have run.
     assert!(at < before + 4000, "the old job ran as job {at}, {} jobs after its insert", at - before);
-    svc.stop().await.expect("stops cleanly");
 }
 
 /// After a burst has drained, the claim index and heap of `jobs_active` are full of dead versions

@@ -36,6 +36,11 @@ fn finish(id: Uuid, attempt: i32, status: JobStatus) -> Finish {
     }
 }
 
+/// A claim by instance "me" with a 30 s lease and 5 attempts by default.
+async fn claim(conn: &mut Conn, queue: &str, n: i64, from: queries::ClaimFrom) -> queries::Claimed {
+    queries::job_claim(conn, queue, n, "me", Duration::from_secs(30), 5, from).await.unwrap()
+}
+
 async fn status_of(c: &tokio_postgres::Client, id: Uuid) -> String {
     c.query_one("SELECT status FROM jobs WHERE id = $1", &[&id]).await.unwrap().get(0)
 }
@@ -50,9 +55,7 @@ async fn claim_takes_a_batch_in_priority_order_and_reports_the_next_due_job() {
     )
     .await
     .unwrap();
-    let full = queries::job_claim(&mut conn, "default", 4, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-        .await
-        .unwrap();
+    let full = claim(&mut conn, "default", 4, queries::ClaimFrom::Head).await;
     assert_eq!(full.jobs.len(), 4);
     let mut priorities: Vec<i32> = full.jobs.iter().map(|j| j.priority).collect();
     priorities.sort();
@@ -61,17 +64,12 @@ async fn claim_takes_a_batch_in_priority_order_and_reports_the_next_due_job() {
     assert!(full.jobs.iter().all(|j| j.max_attempts == Some(5) && j.locked_by.as_deref() == Some("me")));
     assert_eq!(full.next_due_in, None, "a full claim skips the timer lookup");
 
-    let short =
-        queries::job_claim(&mut conn, "default", 100, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-            .await
-            .unwrap();
+    let short = claim(&mut conn, "default", 100, queries::ClaimFrom::Head).await;
     assert_eq!(short.jobs.len(), 5);
     let due = short.next_due_in.expect("next due reported");
     assert!(due > Duration::from_secs(25) && due <= Duration::from_secs(30), "{due:?}: the sooner job, any priority");
 
-    let empty = queries::job_claim(&mut conn, "other", 10, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-        .await
-        .unwrap();
+    let empty = claim(&mut conn, "other", 10, queries::ClaimFrom::Head).await;
     assert!(empty.jobs.is_empty() && empty.next_due_in.is_none());
 }
 
@@ -88,14 +86,12 @@ async fn a_claim_of_more_urgent_jobs_takes_only_those() {
     .await
     .unwrap();
     let from = queries::ClaimFrom::MoreUrgentThan(0);
-    let urgent = queries::job_claim(&mut conn, "default", 10, "me", Duration::from_secs(30), 5, from).await.unwrap();
+    let urgent = claim(&mut conn, "default", 10, from).await;
     let mut priorities: Vec<i32> = urgent.jobs.iter().map(|j| j.priority).collect();
     priorities.sort();
     assert_eq!(priorities, vec![-1000, -5], "only what sorts before priority 0 and is due");
     assert_eq!(urgent.next_due_in, None, "a short claim of urgent jobs skips the timer lookup");
-    let rest = queries::job_claim(&mut conn, "default", 10, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-        .await
-        .unwrap();
+    let rest = claim(&mut conn, "default", 10, queries::ClaimFrom::Head).await;
     assert_eq!(rest.jobs.len(), 5, "the priority-0 jobs were left for the backlog's claims");
 }
 
@@ -103,10 +99,7 @@ async fn a_claim_of_more_urgent_jobs_takes_only_those() {
 async fn finishing_is_fenced_on_holder_and_attempt() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2')").await.unwrap();
-    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-        .await
-        .unwrap()
-        .jobs;
+    let jobs = claim(&mut conn, "default", 2, queries::ClaimFrom::Head).await.jobs;
     let (a, b) = (jobs[0].id, jobs[1].id);
 
     let written = queries::job_finish_batch(&mut conn, "someone-else", &[finish(a, 1, JobStatus::Done)]).await.unwrap();
@@ -138,10 +131,7 @@ async fn finishing_is_fenced_on_holder_and_attempt() {
 async fn a_requested_cancellation_wins_over_a_retry() {
     let (_db, c, mut conn) = setup().await;
     c.batch_execute("INSERT INTO jobs (payload) VALUES ('1'), ('2')").await.unwrap();
-    let jobs = queries::job_claim(&mut conn, "default", 2, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-        .await
-        .unwrap()
-        .jobs;
+    let jobs = claim(&mut conn, "default", 2, queries::ClaimFrom::Head).await.jobs;
     let (a, b) = (jobs[0].id, jobs[1].id);
     c.execute("UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", &[&a]).await.unwrap();
     let written = queries::job_finish_batch(
@@ -363,10 +353,7 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
     .await
     .unwrap();
     let batch = 200;
-    let claimed =
-        queries::job_claim(&mut conn, "default", batch, "me", Duration::from_secs(30), 5, queries::ClaimFrom::Head)
-            .await
-            .unwrap();
+    let claimed = claim(&mut conn, "default", batch, queries::ClaimFrom::Head).await;
     assert_eq!(claimed.jobs.len(), batch as usize);
     let mut ids: Vec<String> = claimed.jobs.iter().map(|j| j.id.to_string()).collect();
     ids.sort();

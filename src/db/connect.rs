@@ -223,11 +223,7 @@ impl ConnSlot {
         ConnSlot::with_purpose(connector, Purpose::Engine, log)
     }
 
-    /// A producer's connection: see [`Purpose::Claim`].
-    pub fn for_claims(connector: &Arc<Connector>, log: &Logger) -> ConnSlot {
-        ConnSlot::with_purpose(connector, Purpose::Claim, log)
-    }
-
+    /// A slot whose connections are opened for `purpose` (a producer's: [`Purpose::Claim`]).
     pub fn with_purpose(connector: &Arc<Connector>, purpose: Purpose, log: &Logger) -> ConnSlot {
         ConnSlot { connector: connector.clone(), purpose, log: log.clone(), conn: None }
     }

@@ -28,7 +28,7 @@ use super::executor::{execute, Finished};
 use super::outcome::{Attempt, Outcome};
 use super::running::Entry;
 use super::{QueueRuntime, Shared};
-use crate::db::{queries, ConnSlot, DbError};
+use crate::db::{queries, ConnSlot, DbError, Purpose};
 use crate::job::Job;
 use crate::supervisor::TaskResult;
 
@@ -59,7 +59,7 @@ pub(crate) async fn run(
 ) -> (JoinSet<()>, TaskResult) {
     let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
     let mut producer = Producer {
-        conn: Some(ConnSlot::for_claims(&shared.connector, &log)),
+        conn: Some(ConnSlot::with_purpose(&shared.connector, Purpose::Claim, &log)),
         queue,
         shared,
         done,
@@ -118,9 +118,14 @@ struct Ahead {
     room: OwnedSemaphorePermit,
 }
 
+/// A job's position in the claim order: the order claims take and jobs claimed ahead start in.
+fn claim_order(job: &Job) -> queries::ClaimCursor {
+    (job.priority, job.run_at, job.id)
+}
+
 impl Ahead {
     fn key(&self) -> queries::ClaimCursor {
-        (self.job.priority, self.job.run_at, self.job.id)
+        claim_order(&self.job)
     }
 }
 
@@ -340,7 +345,7 @@ impl Producer {
         }
         plan.urgent_full = false;
         if full {
-            let last = jobs.iter().map(|j| (j.priority, j.run_at, j.id)).max().expect("a full claim has jobs");
+            let last = jobs.iter().map(claim_order).max().expect("a full claim has jobs");
             // A claim from the head starts the cursor's age again; one after the cursor keeps it.
             let since = match (from, plan.cursor) {
                 (queries::ClaimFrom::After(_), Some((_, at))) => at,
