@@ -57,8 +57,10 @@ async fn place_behind_backlog(backlog: i32, insert: &str, marker: &str, within: 
 async fn an_urgent_job_inserted_behind_a_backlog_runs_next() {
     let insert = "INSERT INTO jobs (payload, priority) VALUES ('\"urgent\"', -1000)";
     let (at, before) = place_behind_backlog(2000, insert, "urgent", Duration::from_secs(10)).await;
-    // Behind it at most what was already claimed (2 running, 2 ahead) and a claim in flight.
-    assert!(at < before + 10, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
+    // Behind it only what started while its wake-up and its claim were on their way: a few
+    // milliseconds, at two jobs a millisecond (12 once on a loaded machine). Found by the claim from
+    // the head, which comes at least every second, it could run up to 2,000 jobs later.
+    assert!(at < before + 100, "the urgent job ran as job {at}, {} jobs after its insert", at - before);
 }
 
 /// A wake-up during a backlog claims only what is more urgent than the cursor; a job of the same
