@@ -51,8 +51,11 @@ async fn a_flooded_queue_does_not_starve_another() {
     .await;
     let flood_left = count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status <> 'done'").await;
     assert!(flood_left > 800, "the flood is still being worked through ({flood_left} left)");
-    // The flood queue never held more than its concurrency of 2 running plus 2 claimed ahead.
-    assert!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status = 'processing'").await <= 4);
+    // The flood queue holds at most its concurrency of 2 running plus 2 claimed ahead. A job's place
+    // is given back when its outcome is handed to the completer, so up to 2 more may still read
+    // processing until their outcomes are written (5 were seen on a loaded machine).
+    let processing = count(&c, "SELECT count(*) FROM jobs WHERE queue = 'flood' AND status = 'processing'").await;
+    assert!(processing <= 6, "{processing} flood jobs processing");
     svc.stop().await.expect("stops cleanly");
 }
 
