@@ -83,7 +83,8 @@ SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true"
     };
 }
 
-pub(crate) const JOB_CLAIM: &str = claim_sql!("");
+/// Public so that a test can look at its plan (`claiming_visits_only_the_claimed_jobs_whatever_the_statistics`).
+pub const JOB_CLAIM: &str = claim_sql!("");
 
 /// [`JOB_CLAIM`] after a position of the claim order (`$7`, `$8`, `$9`: priority, run_at, id): the
 /// producer's next claim while it works through a backlog. Every claimed row leaves a dead entry at
