@@ -157,6 +157,18 @@ impl Gated {
         .await;
     }
 
+    /// Inserts a job more urgent than the others and waits until the producer holds it (`held` jobs in
+    /// all), while only the two blockers run; then lets one blocker end and checks that the urgent job
+    /// takes its slot.
+    async fn urgent_takes_the_next_slot(&self, c: &tokio_postgres::Client, held: u64, what: &str) {
+        let insert =
+            format!(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('{}', '"urgent"', -5)"#, self.queue);
+        c.batch_execute(&insert).await.unwrap();
+        self.until(what, |g| g.held() == held).await;
+        assert_eq!(self.started().len(), 2, "only the blockers have started");
+        assert_eq!(self.next_start().await, "urgent", "the urgent job takes the first free slot");
+    }
+
     /// Lets one blocked job end, and waits for the next job to start: one slot at a time, since two
     /// executors started together may call their handlers in either order.
     async fn next_start(&self) -> Value {
@@ -181,10 +193,7 @@ async fn a_later_claim_of_an_urgent_job_starts_it_before_jobs_claimed_ahead() {
         .await
         .unwrap();
     g.until("the blockers running and one job claimed ahead", |g| g.held() == 3 && g.started().len() == 2).await;
-    c.batch_execute(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('order', '"urgent"', -5)"#).await.unwrap();
-    g.until("the urgent job claimed while the others wait", |g| g.held() == 4).await;
-    assert_eq!(g.started().len(), 2, "only the blockers have started");
-    assert_eq!(g.next_start().await, "urgent", "the urgent job takes the first free slot");
+    g.urgent_takes_the_next_slot(&c, 4, "the urgent job claimed while the others wait").await;
     // The urgent job ends at once, and its slot goes to the job claimed ahead.
     g.until("the job claimed ahead started", |g| g.started().len() == 4).await;
     assert_eq!(g.started()[3], "ahead");
@@ -209,10 +218,7 @@ async fn an_urgent_job_is_claimed_at_once_when_the_room_is_full() {
     .await
     .unwrap();
     g.until("the room full", |g| g.held() == 4 && g.started().len() == 2).await;
-    c.batch_execute(r#"INSERT INTO jobs (queue, payload, priority) VALUES ('reserve', '"urgent"', -5)"#).await.unwrap();
-    g.until("the urgent job claimed though no job has ended", |g| g.held() == 5).await;
-    assert_eq!(g.started().len(), 2, "nothing else has started");
-    assert_eq!(g.next_start().await, "urgent", "the urgent job takes the first free slot");
+    g.urgent_takes_the_next_slot(&c, 5, "the urgent job claimed though no job has ended").await;
     g.gate.add_permits(10);
     wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 7).await;
     g.svc.stop().await.expect("stops cleanly");

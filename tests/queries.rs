@@ -20,8 +20,13 @@ async fn setup() -> (TestDb, tokio_postgres::Client, Conn) {
 }
 
 async fn engine_conn(db: &TestDb) -> Conn {
+    Conn::new(client_for(db, Purpose::Engine).await)
+}
+
+/// A connection opened as the service opens one for `purpose`, with its session settings.
+async fn client_for(db: &TestDb, purpose: Purpose) -> tokio_postgres::Client {
     let connector = Connector::new(&db.url, Duration::from_secs(10)).unwrap();
-    Conn::new(connector.connect(Purpose::Engine, &jobqueue::logging::discard()).await.unwrap())
+    connector.connect(purpose, &jobqueue::logging::discard()).await.unwrap()
 }
 
 fn finish(id: Uuid, attempt: i32, status: JobStatus) -> Finish {
@@ -351,8 +356,7 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
     for stale in [true, false] {
         let (db, c, mut conn) = setup().await;
         // The statement prepared as the completer's connection has it, and run once as its warm-up.
-        let connector = Connector::new(&db.url, Duration::from_secs(10)).unwrap();
-        let engine = connector.connect(Purpose::Engine, &jobqueue::logging::discard()).await.unwrap();
+        let engine = client_for(&db, Purpose::Engine).await;
         let prepare = format!(
             "PREPARE finish(uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]) AS {}",
             queries::JOB_FINISH_BATCH
@@ -419,8 +423,7 @@ async fn claiming_visits_only_the_claimed_jobs_whatever_the_statistics() {
             c.batch_execute("ANALYZE jobs_active").await.unwrap();
         }
         // The statement prepared as a producer's connection has it, and run once on the empty queue.
-        let connector = Connector::new(&db.url, Duration::from_secs(10)).unwrap();
-        let producer = connector.connect(Purpose::Claim, &jobqueue::logging::discard()).await.unwrap();
+        let producer = client_for(&db, Purpose::Claim).await;
         let prepare = format!("PREPARE claim(text, int8, text, float8, int4, bool) AS {}", queries::JOB_CLAIM);
         producer.batch_execute(&prepare).await.unwrap();
         producer.batch_execute("EXECUTE claim('default', 100, 'me', 30, 5, false)").await.unwrap();

@@ -62,15 +62,20 @@ pub(crate) struct QueueRuntime {
 }
 
 impl QueueRuntime {
-    /// Places of `room`: running plus claimed ahead.
+    /// Places of `room`.
     pub fn room_size(&self) -> usize {
-        self.config.concurrency + prefetch(self.config.concurrency)
+        room_size(self.config.concurrency)
     }
 
     /// Jobs held at most: running, claimed ahead, and urgent ones claimed from the reserve.
     pub fn capacity(&self) -> usize {
         self.room_size() + urgent_reserve(self.config.concurrency)
     }
+}
+
+/// Places of a queue's room: running plus claimed ahead.
+fn room_size(concurrency: usize) -> usize {
+    concurrency + prefetch(concurrency)
 }
 
 /// Places kept apart for urgent jobs, per queue. When every slot runs a long job, the room frees only
@@ -131,7 +136,7 @@ impl Engine {
             .map(|(config, handler)| {
                 Arc::new(QueueRuntime {
                     slots: Arc::new(Semaphore::new(config.concurrency)),
-                    room: Arc::new(Semaphore::new(config.concurrency + prefetch(config.concurrency))),
+                    room: Arc::new(Semaphore::new(room_size(config.concurrency))),
                     reserve: Arc::new(Semaphore::new(urgent_reserve(config.concurrency))),
                     config,
                     handler,
