@@ -223,3 +223,72 @@ async fn an_urgent_job_is_claimed_at_once_when_the_room_is_full() {
     wait_count(&c, Duration::from_secs(10), "all done", "SELECT count(*) FROM jobs WHERE status = 'done'", 7).await;
     g.svc.stop().await.expect("stops cleanly");
 }
+
+/// How many jobs a queue claims ahead follows its handlers' recent times: four times its slots while
+/// they are quick (claims are then large batches), as many as its slots once they take longer than the
+/// horizon, so that jobs held here while other instances may have free slots wait about one handler's
+/// time at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_handlers_get_four_times_their_slots_claimed_ahead_and_slow_ones_as_many() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = {
+        let gate = gate.clone();
+        move |ctx: JobContext| {
+            let gate = gate.clone();
+            let (block, ms) = (ctx.job.payload["block"] == true, ctx.job.payload["ms"].as_u64().unwrap_or(0));
+            async move {
+                if block {
+                    gate.acquire().await.expect("the gate stays open").forget();
+                }
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, HandlerError>(Value::Null)
+            }
+        }
+    };
+    let config = jobqueue::Config { queues: vec![], ..db.config(2) };
+    let svc = jobqueue::Builder::new(config)
+        .queue(jobqueue::QueueConfig::new("ahead", 2))
+        .handler("ahead", handler)
+        .start()
+        .await
+        .expect("service starts");
+    let insert = |n: i32, payload: &'static str| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO jobs (queue, payload) SELECT 'ahead', $2::text::jsonb FROM generate_series(1, $1)",
+                &[&n, &payload],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let (processing, done) =
+        ("SELECT count(*) FROM jobs WHERE status = 'processing'", "SELECT count(*) FROM jobs WHERE status = 'done'");
+    let held_still = |expected: i64, what: &'static str| {
+        let c = &c;
+        async move {
+            wait_count(c, Duration::from_secs(10), what, processing, expected).await;
+            // Nothing ends while the gate is shut: a bound that held for a moment holds.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(count(c, processing).await, expected, "{what}, still");
+        }
+    };
+
+    insert(40, r#"{"ms": 0}"#).await;
+    wait_count(&c, Duration::from_secs(10), "quick jobs done", done, 40).await;
+    insert(30, r#"{"block": true}"#).await;
+    held_still(10, "quick handlers: 2 running, 8 claimed ahead").await;
+
+    gate.add_permits(30);
+    wait_count(&c, Duration::from_secs(10), "the blocked jobs done", done, 70).await;
+    insert(40, r#"{"ms": 30}"#).await;
+    wait_count(&c, Duration::from_secs(20), "30 ms jobs done", done, 110).await;
+    insert(30, r#"{"block": true}"#).await;
+    held_still(4, "slow handlers: 2 running, 2 claimed ahead").await;
+
+    gate.add_permits(30);
+    svc.stop().await.expect("stops cleanly");
+}

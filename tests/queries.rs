@@ -132,6 +132,21 @@ async fn finishing_is_fenced_on_holder_and_attempt() {
     assert_eq!(status_of(&c, a).await, "done");
 }
 
+/// The completer's warm-up runs the real finishing statement on a job that exists only inside a
+/// transaction it rolls back: nothing is left behind, and the connection is back out of the
+/// transaction, so the next finish commits as usual.
+#[tokio::test]
+async fn the_completers_warm_up_leaves_no_job_behind() {
+    let (_db, c, mut conn) = setup().await;
+    queries::job_finish_warm_up(&mut conn, "me").await.expect("the warm-up finishes its job");
+    assert_eq!(c.query_one("SELECT count(*) FROM jobs", &[]).await.unwrap().get::<_, i64>(0), 0);
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('1')").await.unwrap();
+    let id = claim(&mut conn, "default", 1, queries::ClaimFrom::Head).await.jobs[0].id;
+    let written = queries::job_finish_batch(&mut conn, "me", &[finish(id, 1, JobStatus::Done)]).await.unwrap();
+    assert_eq!(written, vec![(id, JobStatus::Done)]);
+    assert_eq!(status_of(&c, id).await, "done", "committed, seen from another session");
+}
+
 #[tokio::test]
 async fn a_requested_cancellation_wins_over_a_retry() {
     let (_db, c, mut conn) = setup().await;

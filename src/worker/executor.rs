@@ -86,6 +86,7 @@ pub(crate) async fn execute(
                 // Whatever ended the attempt (timeout, shutdown), work the handler spawned with the
                 // token stops too.
                 entry.token.cancel();
+                queue.handler_time.record(started.elapsed());
                 outcome
             }
         }

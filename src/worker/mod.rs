@@ -10,6 +10,7 @@ pub mod handler;
 pub mod handlers;
 mod heartbeat;
 mod outcome;
+mod prefetch;
 mod producer;
 pub mod running;
 
@@ -55,8 +56,11 @@ pub(crate) struct QueueRuntime {
     /// One permit per concurrent job.
     pub slots: Arc<Semaphore>,
     /// One permit per job this instance may hold for the queue: running ones plus those claimed ahead
-    /// of a free slot (`concurrency + prefetch`). The producer sizes its claims by these.
+    /// of a free slot (`concurrency` plus at most [`prefetch::most`]; the producer parks the places
+    /// that the queue's handler times do not call for). The producer sizes its claims by these.
     pub room: Arc<Semaphore>,
+    /// The recent mean time of this queue's handlers, which decides how many jobs are claimed ahead.
+    pub handler_time: prefetch::HandlerTime,
     /// A few more places, for the claim that answers a wake-up during a backlog (`urgent_reserve`).
     pub reserve: Arc<Semaphore>,
 }
@@ -73,9 +77,9 @@ impl QueueRuntime {
     }
 }
 
-/// Places of a queue's room: running plus claimed ahead.
+/// Places of a queue's room: running plus, at most, claimed ahead.
 fn room_size(concurrency: usize) -> usize {
-    concurrency + prefetch(concurrency)
+    concurrency + prefetch::most(concurrency)
 }
 
 /// Places kept apart for urgent jobs, per queue. When every slot runs a long job, the room frees only
@@ -85,15 +89,6 @@ fn room_size(concurrency: usize) -> usize {
 /// takes the first slot that frees.
 pub(crate) fn urgent_reserve(concurrency: usize) -> usize {
     (concurrency / 10).clamp(1, 100)
-}
-
-/// Jobs claimed ahead of free slots, per queue: as many as the queue has slots, so that a slot that
-/// frees finds its next job already claimed (graphile-worker's "local queue"), and claims are batches
-/// of up to twice the concurrency. A job claimed ahead is leased and heartbeated like a running one,
-/// starts in claim order, its timeout starts when its handler does, a cancel ends it without running
-/// it, and shutdown returns it to pending without counting an attempt.
-pub(crate) fn prefetch(concurrency: usize) -> usize {
-    concurrency
 }
 
 /// Settings of the engine, taken from [`crate::Config`].
@@ -138,6 +133,7 @@ impl Engine {
                     slots: Arc::new(Semaphore::new(config.concurrency)),
                     room: Arc::new(Semaphore::new(room_size(config.concurrency))),
                     reserve: Arc::new(Semaphore::new(urgent_reserve(config.concurrency))),
+                    handler_time: prefetch::HandlerTime::default(),
                     config,
                     handler,
                     wake: Arc::new(Notify::new()),

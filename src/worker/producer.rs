@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::executor::{execute, Finished};
 use super::outcome::{Attempt, Outcome};
+use super::prefetch::{self, Parked};
 use super::running::Entry;
 use super::{QueueRuntime, Shared};
 use crate::db::{queries, ConnSlot, DbError, Purpose};
@@ -60,6 +61,7 @@ pub(crate) async fn run(
     let log = shared.log.new(slog::o!("component" => "producer", "queue" => queue.config.name.clone()));
     let mut producer = Producer {
         conn: Some(ConnSlot::with_purpose(&shared.connector, Purpose::Claim, &log)),
+        parked: Parked::new(queue.room.clone()),
         queue,
         shared,
         done,
@@ -160,6 +162,8 @@ struct Producer {
     log: Logger,
     executors: JoinSet<()>,
     ahead: BinaryHeap<Ahead>,
+    /// Places of the room kept out of use while the handlers are too slow to call for them.
+    parked: Parked,
     plan: Plan,
     backoff: Duration,
 }
@@ -179,6 +183,9 @@ impl Producer {
                 }
             }
             if in_flight.is_none() && matches!(wait, Wait::No) && !self.shutdown.is_cancelled() {
+                // Between claims only: a claim in flight counts on the places it saw.
+                let c = self.queue.config.concurrency;
+                self.parked.set(prefetch::most(c) - prefetch::wanted(c, self.queue.handler_time.mean()));
                 let conn = self.conn.take().expect("the connection is home between claims");
                 in_flight = Some(self.claim(conn));
             }
@@ -285,6 +292,7 @@ impl Producer {
     fn claim(&self, mut conn: ConnSlot) -> InFlight {
         let (queue, shared, shutdown, plan) =
             (self.queue.clone(), self.shared.clone(), self.shutdown.clone(), self.plan);
+        let in_use = queue.room_size() - self.parked.len();
         Box::pin(async move {
             // Whether a wake-up would be answered by a claim of the more urgent jobs only.
             let urgent = matches!(plan.from(true), queries::ClaimFrom::MoreUrgentThan(_));
@@ -308,7 +316,7 @@ impl Producer {
             };
             // A wake-up now asks for whatever is more urgent than the backlog: no wait for more room.
             woken = woken || queue.wake.notified().now_or_never().is_some();
-            let half = (queue.room_size().min(MAX_CLAIM) / 2) as u32;
+            let half = (in_use.min(MAX_CLAIM) / 2) as u32;
             if Arc::ptr_eq(&places, &queue.room) && plan.backlog && half > 1 && !woken && !plan.urgent_full {
                 // Measured with no-op jobs and concurrency 1000: without this, claims shrank to a few
                 // jobs each as slots freed one by one.

@@ -252,6 +252,47 @@ pub async fn job_finish_batch(
     rows.iter().map(|r| Ok((r.try_get(0)?, status_of(r, "status")?))).collect()
 }
 
+/// Runs [`JOB_FINISH_BATCH`] once, on the completer's new connection, for a job that exists only inside
+/// a transaction that is then rolled back: the first real finish of a connection otherwise pays for
+/// routing rows into `jobs_finished` (its relation and indexes opened for the first time),
+/// `jobqueue_release_dependants`' first plan and the generic plan itself, 8 to 14 ms measured at the
+/// start of a drain while every place of the room waited for it. Nothing is left behind: the row, its
+/// move and the trigger's notification all go with the rollback.
+pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), DbError> {
+    conn.client().batch_execute("BEGIN").await?;
+    let finished = async {
+        let row = conn
+            .client()
+            .query_one(
+                "INSERT INTO jobs (queue, payload, status, attempts, locked_by, locked_until, started_at)
+                 VALUES ('jobqueue-warm-up', '{}', 'processing', 1, $1, now() + interval '1 minute', now())
+                 RETURNING id",
+                &[&instance],
+            )
+            .await?;
+        let finish = Finish {
+            id: row.try_get(0)?,
+            attempt: 1,
+            status: JobStatus::Done,
+            result: None,
+            error: None,
+            delay: Duration::ZERO,
+            uncount: false,
+        };
+        job_finish_batch(conn, instance, &[finish]).await
+    }
+    .await;
+    // Rolled back whatever happened; a broken connection rolls back by itself.
+    let rolled_back = conn.client().batch_execute("ROLLBACK").await;
+    let written = finished?;
+    rolled_back?;
+    if written.len() == 1 {
+        Ok(())
+    } else {
+        Err(DbError::Decode(format!("the warm-up finish wrote {} rows instead of 1", written.len())))
+    }
+}
+
 /// Extends the lease of every attempt this instance runs, in one statement. Returns the attempts still
 /// held and whether cancellation was requested for each; an attempt missing from the answer was lost.
 ///
