@@ -70,7 +70,8 @@ impl QueueConfig {
 /// Slots of a queue that sets none. Handlers are async: a slot is a task, not a thread, so a hundred
 /// cost little while they wait on I/O (a handler that sleeps 50 ms still runs 2,000 jobs a second),
 /// and with quick handlers up to 400 jobs are claimed ahead, so claims are batches of up to 500
-/// (`worker::prefetch`; docs/performance.md has the drain rate by concurrency). Webhook and command queues usually want fewer: set `concurrency`.
+/// (`worker::prefetch`; docs/performance.md has the drain rate by concurrency). Webhook and command
+/// queues usually want fewer: set `concurrency`.
 pub const DEFAULT_CONCURRENCY: usize = 100;
 
 impl Default for QueueConfig {

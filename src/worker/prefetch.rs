@@ -22,8 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Jobs claimed ahead should start within about this long: quicker handlers get more held ahead.
 pub(crate) const AHEAD_HORIZON: Duration = Duration::from_millis(10);
 
-/// The most jobs a queue of `concurrency` slots ever claims ahead: four times its slots, and no more
-/// than its slots once that passes 1,000 (a claim takes at most 1,000 jobs anyway).
+/// The most jobs a queue of `concurrency` slots ever claims ahead: four times its slots, but no more
+/// than 1,000 or its slots, whichever is larger (a claim takes at most 1,000 jobs anyway).
 pub(crate) fn most(concurrency: usize) -> usize {
     (4 * concurrency).min(concurrency.max(1000))
 }
@@ -31,16 +31,10 @@ pub(crate) fn most(concurrency: usize) -> usize {
 /// Jobs to claim ahead now, given the mean time of the queue's recent handlers (`None` before any
 /// ended): what its slots start within [`AHEAD_HORIZON`], between `concurrency` and [`most`].
 pub(crate) fn wanted(concurrency: usize, mean: Option<Duration>) -> usize {
-    let most = most(concurrency);
-    let least = concurrency.min(most);
-    match mean {
-        None => least,
-        Some(mean) if mean.is_zero() => most,
-        Some(mean) => {
-            let starts = concurrency as f64 * AHEAD_HORIZON.as_secs_f64() / mean.as_secs_f64();
-            (starts.min(most as f64) as usize).max(least)
-        }
-    }
+    let Some(mean) = mean else { return concurrency };
+    // A zero mean divides to infinity, which the bound takes down to `most`.
+    let starts = concurrency as f64 * AHEAD_HORIZON.as_secs_f64() / mean.as_secs_f64();
+    (starts.min(most(concurrency) as f64) as usize).max(concurrency)
 }
 
 /// The recent mean time of a queue's handlers: an exponentially weighted mean over the last few
@@ -54,14 +48,10 @@ pub(crate) struct HandlerTime {
 impl HandlerTime {
     pub fn record(&self, took: Duration) {
         let sample = took.as_micros().min(u64::MAX as u128 / 2) as u64;
-        let old = self.micros_plus_one.load(Ordering::Relaxed);
-        let mean = match old {
+        let mean = match self.micros_plus_one.load(Ordering::Relaxed) {
             0 => sample,
-            _ => {
-                let old = old - 1;
-                // Weight 1/16: a change of handler speed shows within a few dozen jobs.
-                (old as i128 + (sample as i128 - old as i128) / 16) as u64
-            }
+            // Weight 1/16: a change of handler speed shows within a few dozen jobs.
+            old => (old - 1) - (old - 1) / 16 + sample / 16,
         };
         self.micros_plus_one.store(mean + 1, Ordering::Relaxed);
     }

@@ -259,6 +259,8 @@ pub async fn job_finish_batch(
 /// start of a drain while every place of the room waited for it. Nothing is left behind: the row, its
 /// move and the trigger's notification all go with the rollback.
 pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), DbError> {
+    // BEGIN and ROLLBACK by hand: a `Transaction` would borrow the client that `job_finish_batch`
+    // needs through `conn`, for its prepared statement.
     conn.client().batch_execute("BEGIN").await?;
     let finished = async {
         let row = conn
