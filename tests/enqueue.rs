@@ -5,8 +5,9 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use common::{count, TestDb};
+use common::{count, eventually, TestDb};
 use jobqueue::api::{routes, ApiState};
 use serde_json::{json, Value};
 use warp::Filter;
@@ -107,4 +108,61 @@ async fn a_row_the_database_refuses_fails_its_own_request_only() {
         }
     }
     assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 55);
+}
+
+/// Posts one body, answering its status and JSON.
+async fn post<F>(api: &F, body: Value) -> (u16, Value)
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+{
+    let resp = warp::test::request()
+        .method("POST")
+        .path("/jobs")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .reply(api)
+        .await;
+    (resp.status().as_u16(), serde_json::from_slice::<Value>(resp.body()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_insert_stuck_behind_an_open_transaction_does_not_hold_the_others_back() {
+    let db = TestDb::new().await;
+    let api = api(&db.url);
+    // A psql user inserts a job with a key and leaves the transaction open: an insert of the same key
+    // waits for that transaction to end.
+    let mut holder = db.client().await;
+    let open = holder.transaction().await.unwrap();
+    open.batch_execute("INSERT INTO jobs (payload, unique_key) VALUES ('{}', 'held')").await.unwrap();
+    let stuck = tokio::spawn({
+        let api = api.clone();
+        async move { post(&api, json!({"payload": {"n": 1}, "unique_key": "held"})).await }
+    });
+    let c = db.client().await;
+    eventually(Duration::from_secs(10), "the keyed insert waiting for the open transaction", || async {
+        let waiting = count(
+            &c,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .await;
+        (waiting > 0).then_some(())
+    })
+    .await;
+    // Requests after it are written while it waits (with one statement in flight and nothing more,
+    // they would wait for the open transaction too).
+    let others = tokio::time::timeout(
+        Duration::from_secs(5),
+        post_all(&api, (2..12).map(|i| json!({"payload": {"n": i}})).collect()),
+    )
+    .await
+    .expect("inserts queued behind a stuck one were not written");
+    for (status, body) in &others {
+        assert_eq!(*status, 201, "{body}");
+    }
+    assert!(!stuck.is_finished(), "the keyed insert did not wait for the open transaction");
+    // The holder gives up: the waiting insert now creates the key's job.
+    open.rollback().await.unwrap();
+    let (status, body) = stuck.await.unwrap();
+    assert_eq!((status, &body["payload"]), (201, &json!({"n": 1})), "{body}");
+    assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 11);
 }
