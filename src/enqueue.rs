@@ -9,8 +9,8 @@
 //! request on an idle service still goes straight through (nothing waits to fill a batch).
 //!
 //! One statement is in flight at a time: a second one running beside it would split the queue into
-//! smaller batches, each paying its own statement and commit. Four concurrent statements took
-//! 20 to 50% fewer requests a second than one (docs/performance.md). Yet one statement can be stuck:
+//! smaller batches, each paying its own statement and commit. Four concurrent statements served
+//! 16 to 36% fewer requests a second than one (docs/performance.md). Yet one statement can be stuck:
 //! an insert whose unique key a psql user's open transaction also inserted waits for that transaction.
 //! So the next flusher waits at most [`STUCK_AFTER`] for the statement in flight, then starts beside
 //! it, up to [`FLUSHERS`] statements in all.
