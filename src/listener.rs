@@ -6,8 +6,9 @@
 //!
 //! NOTIFY is only a hint. When the connection breaks, notifications sent during the gap are gone, so
 //! after reconnecting (capped exponential backoff) and re-listening it wakes every producer once to
-//! sweep the table. The producers' poll fallback covers anything else. A change of `schedules`
-//! (`jobqueue_schedules`) wakes the scheduler, which re-arms its timer.
+//! sweep the table, and the heartbeat to read the cancel requests of the jobs held here. The
+//! producers' poll fallback covers anything else. A change of `schedules` (`jobqueue_schedules`)
+//! wakes the scheduler, which re-arms its timer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,10 +96,12 @@ impl Listener {
 
         queries::channels_listen(&client).await?;
         info!(log, "listening"; "channels" => format!("{CHANNEL_JOBS}, {CHANNEL_CANCEL}, {CHANNEL_SCHEDULES}"));
-        // Anything inserted while we were not listening announced itself to no one: sweep once.
+        // Anything inserted or cancelled while we were not listening announced itself to no one:
+        // sweep once, and have the heartbeat read the held jobs' cancel requests now.
         for wake in self.wakes.values() {
             wake.notify_one();
         }
+        self.running.recheck();
         self.remote.wake_all();
         self.schedules.notify_one();
 

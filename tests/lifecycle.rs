@@ -329,3 +329,41 @@ async fn queues_setting_configures_the_binary() {
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'email' AND max_attempts = 3").await, 1);
     assert_eq!(count(&c, "SELECT count(*) FROM jobs WHERE queue = 'unserved' AND status = 'pending'").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_requested_while_the_listener_reconnects_stops_the_job_without_waiting_for_the_heartbeat() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    // A long lease: the heartbeat ticks every 100 s, so only the listener's reconnection can bring
+    // the cancel request in time.
+    let mut config = db.config(1);
+    config.job_lease = Duration::from_secs(300);
+    let handler = |ctx: JobContext| async move {
+        ctx.cancelled().await;
+        Ok::<Value, HandlerError>(Value::Null)
+    };
+    let svc = common::start_with(config, handler).await;
+    let listening = "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name = 'jobqueue-listener'";
+    wait_count(&c, Duration::from_secs(20), "the listener listening", listening, 1).await;
+    let id: Uuid = c.query_one("INSERT INTO jobs (payload) VALUES ('1') RETURNING id", &[]).await.unwrap().get(0);
+    wait_count(&c, Duration::from_secs(20), "job running", "SELECT count(*) FROM jobs WHERE status = 'processing'", 1)
+        .await;
+    // Cut the listen connection and wait for its backend to be gone, then request the cancel: its
+    // notification reaches no one (the listener reconnects after a backoff of at least 100 ms).
+    let cut: bool = c
+        .query_one(
+            "SELECT bool_and(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'jobqueue-listener'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cut, "the listen connection was not cut");
+    let answer: String = c.query_one("SELECT jobqueue_cancel($1)", &[&id]).await.unwrap().get(0);
+    assert_eq!(answer, "requested");
+    wait_count(&c, Duration::from_secs(20), "job cancelled", "SELECT count(*) FROM jobs WHERE status = 'cancelled'", 1)
+        .await;
+    svc.stop().await.expect("stops cleanly");
+}

@@ -23,6 +23,9 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // The listener (re)connected: cancel requests made while it was not listening reached no
+            // one, and the next tick may be many seconds away.
+            _ = shared.running.recheck_requested() => {}
             _ = stop.cancelled() => return,
         }
         let sent = shared.running.attempts();

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,6 +29,8 @@ pub(crate) struct Entry {
 #[derive(Default)]
 pub struct Running {
     jobs: Mutex<HashMap<Uuid, Entry>>,
+    /// Asks the heartbeat to look at the held jobs now rather than at its next tick.
+    recheck: Notify,
 }
 
 impl Running {
@@ -57,6 +60,18 @@ impl Running {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Cancellation notifications may have been missed (the listener was not listening): asks the
+    /// heartbeat to read the held jobs' cancel requests from the table at once. A notification only
+    /// hurries what the heartbeat would find anyway, but its tick is a third of the lease away.
+    pub fn recheck(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Resolves once [`Running::recheck`] has been called (a call while nobody waits is kept).
+    pub(crate) async fn recheck_requested(&self) {
+        self.recheck.notified().await
     }
 
     /// Signals the handler of `id`, whichever attempt this instance runs, if any. For cancellation,
