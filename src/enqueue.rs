@@ -97,7 +97,7 @@ async fn flusher(
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else { return };
             // Without the turn (the statement in flight is stuck), this one runs beside it.
-            let turn = tokio::time::timeout(STUCK_AFTER, turn.clone().acquire_owned()).await.ok().and_then(Result::ok);
+            let turn = timeout(STUCK_AFTER, turn.clone().acquire_owned()).await.ok().and_then(Result::ok);
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
