@@ -35,3 +35,5 @@ pub const MAX_CONNECTIONS_RANGE: (usize, usize) = (1, 1_000_000);
 /// Header and body deadlines: shorter ones would cut off ordinary clients on a slow network.
 pub const HTTP_TIMEOUT_MIN: Duration = Duration::from_millis(100);
 pub const MAX_WAITERS_RANGE: (usize, usize) = (0, 1_000_000);
+/// The runtime's worker threads: more than this many is a typo, not a machine.
+pub const RUNTIME_THREADS_RANGE: (usize, usize) = (1, 1024);

@@ -29,13 +29,14 @@ fn main() -> ExitCode {
     let (root, _log_guard) = logging::init(config.log_format, config.log_level, Some(&config.instance_id));
     // The binary's own lines carry `instance` too; the service adds it to `root` itself.
     let log = root.new(slog::o!("instance" => config.instance_id.clone()));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(log, "cannot start the runtime"; "err" => %e);
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(config.runtime_threads).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!(log, "cannot start the runtime"; "err" => %e);
+                return ExitCode::FAILURE;
+            }
+        };
     let result: anyhow::Result<()> = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Migrate { baseline } => {
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
                 // Each served queue gets the handler its config file entry names (builtin when none
                 // does); Rust programs embedding the library register handlers of their own.
                 let client = handlers::http_client()?;
+                info!(log, "runtime"; "threads" => config.runtime_threads);
                 let mut builder = Builder::new(config.clone()).logger(root.clone());
                 for q in &config.queues {
                     let spec = config.handler(&q.name);

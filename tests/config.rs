@@ -115,9 +115,15 @@ async fn wait_started(proc: &Proc) -> String {
 async fn the_example_file_starts_the_service() {
     let db = TestDb::new().await;
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/jobqueue.toml");
-    let env: Vec<_> = db.env().into_iter().chain([("JOBQUEUE_CONFIG".to_string(), example.to_string())]).collect();
+    let env: Vec<_> = db
+        .env()
+        .into_iter()
+        .chain([("JOBQUEUE_CONFIG".to_string(), example.to_string()), ("RUNTIME_THREADS".into(), "3".into())])
+        .collect();
     let mut proc = Proc::jobqueue("example-config", &[], &env);
     let log = wait_started(&proc).await;
+    let runtime = log.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|l| l["msg"] == "runtime");
+    assert_eq!(runtime.map(|l| l["threads"].clone()), Some(serde_json::json!(3)), "{log}");
     let handlers: Vec<(String, String)> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -161,6 +161,9 @@ pub struct Settings {
     /// Serve /metrics on this address (e.g. 0.0.0.0:9090) as well; by default only on the API port.
     #[arg(long, env = "METRICS_BIND", global = true)]
     pub metrics_bind: Option<String>,
+    /// Threads that run the API and the workers; by default half the cores, at least one.
+    #[arg(long, env = "RUNTIME_THREADS", global = true)]
+    pub runtime_threads: Option<String>,
 }
 
 impl Settings {
@@ -196,6 +199,7 @@ impl Settings {
         "maintenance_interval",
         "instance_id",
         "metrics_bind",
+        "runtime_threads",
     ];
 
     /// The field a config file's top-level `key` sets, if it is one of [`Settings::FILE_KEYS`].
@@ -230,6 +234,7 @@ impl Settings {
             "maintenance_interval" => &mut self.maintenance_interval,
             "instance_id" => &mut self.instance_id,
             "metrics_bind" => &mut self.metrics_bind,
+            "runtime_threads" => &mut self.runtime_threads,
             _ => return None,
         })
     }

@@ -17,7 +17,8 @@ use crate::job::RetryPolicy;
 use crate::limits::{
     CONCURRENCY_RANGE, DB_ACQUIRE_TIMEOUT_MIN, DB_POOL_SIZE_RANGE, HTTP_TIMEOUT_MIN, INSTANCE_ID_MAX, JITTER_RANGE,
     JOB_LEASE_MIN, JOB_TIMEOUT_MIN, MAINTENANCE_INTERVAL_MIN, MAX_ATTEMPTS_RANGE, MAX_BODY_BYTES_RANGE,
-    MAX_CONNECTIONS_RANGE, MAX_WAITERS_RANGE, POLL_INTERVAL_MIN, QUEUE_NAME_MAX, STATEMENT_TIMEOUT_MIN,
+    MAX_CONNECTIONS_RANGE, MAX_WAITERS_RANGE, POLL_INTERVAL_MIN, QUEUE_NAME_MAX, RUNTIME_THREADS_RANGE,
+    STATEMENT_TIMEOUT_MIN,
 };
 
 fn bad(name: &'static str, value: &str, expected: impl Into<String>) -> ConfigError {
@@ -295,6 +296,12 @@ impl Settings {
             cors_origins,
             metrics_bind,
             schedules: file.map(|f| f.schedules.clone()).unwrap_or_default(),
+            runtime_threads: number(
+                "RUNTIME_THREADS",
+                &self.runtime_threads,
+                d.runtime_threads,
+                RUNTIME_THREADS_RANGE,
+            )?,
         })
     }
 }

@@ -196,3 +196,16 @@ fn secrets_never_print() {
     let printed = format!("{c:?}");
     assert!(!printed.contains("hunter2"), "{printed}");
 }
+
+#[test]
+fn runtime_threads_default_to_half_the_cores_and_can_be_set() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let c = Settings::default().resolve().unwrap();
+    assert_eq!(c.runtime_threads, (cores / 2).max(1));
+    let c = Settings { runtime_threads: Some("3".into()), ..Default::default() }.resolve().unwrap();
+    assert_eq!(c.runtime_threads, 3);
+    for bad in ["0", "many", "5000"] {
+        let s = Settings { runtime_threads: Some(bad.into()), ..Default::default() };
+        assert_eq!(name_of(s.resolve().unwrap_err()), "RUNTIME_THREADS", "{bad}");
+    }
+}
