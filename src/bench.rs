@@ -113,7 +113,18 @@ pub async fn run(config: &Config, args: &BenchArgs, log: &Logger) -> anyhow::Res
     let urgent_ms = urgent_rx.await.map(|t| (t - urgent_at).as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
     all_started.notified().await;
     // Wait until the last outcome is recorded, not merely run; a drain that stops moving is a failure
-    // to report, not a reason to wait forever.
+    // to report, not a reason to wait forever. The instance says when it holds nothing more, so the
+    // database is asked only then: a count every 5 ms during the drain's last batches cost the server
+    // 1.5-3 ms of CPU each time, beside the statements being measured.
+    let (mut held, mut moved) = (usize::MAX, Instant::now());
+    while service.held() > 0 {
+        if service.held() < held {
+            (held, moved) = (service.held(), Instant::now());
+        } else if moved.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("the drain stalled: {held} jobs held for 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let (mut left, mut moved) = (i64::MAX, Instant::now());
     loop {
         let now_left = db::queries::job_count_unfinished(&*c).await?;

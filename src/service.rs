@@ -325,7 +325,7 @@ impl Builder {
             })
         };
         info!(log, "jobqueue started");
-        Ok(Service { addr, metrics_addr, shutdown, supervisor, pool, log })
+        Ok(Service { addr, metrics_addr, shutdown, supervisor, pool, log, running })
     }
 }
 
@@ -337,9 +337,16 @@ pub struct Service {
     supervisor: JoinHandle<Result<(), TaskFailure>>,
     pool: Pool,
     log: Logger,
+    running: Arc<Running>,
 }
 
 impl Service {
+    /// Jobs this instance holds now (claimed, running or with an outcome not yet written): zero once
+    /// everything it claimed is recorded.
+    pub fn held(&self) -> usize {
+        self.running.len()
+    }
+
     /// The address the API listens on (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.addr
