@@ -14,23 +14,11 @@ set -euo pipefail
 export PGOPTIONS="-c client_min_messages=warning"
 RATE=${1:-200}; SECONDS_=${2:-10}
 BASE=${3:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}}
-JQ=${JQ:-$(dirname "$0")/../target/release/jobqueue}
 PGBENCH=$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -1 || true)
 [ -x "$PGBENCH" ] || { echo "pgbench not found (PostgreSQL's client tools)" >&2; exit 1; }
-DB=jq_latency
-URL="${BASE%/*}/$DB"
-case "$BASE" in *\?*) URL="${BASE%%\?*}"; URL="${URL%/*}/$DB?${BASE#*\?}";; esac
-psql "$BASE" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-DATABASE_URL=$URL "$JQ" migrate >/dev/null 2>&1
-script=$(mktemp)
-pid=
-trap 'kill $pid 2>/dev/null; wait 2>/dev/null; rm -f "$script"; psql "$BASE" -qAt -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
-DATABASE_URL=$URL PORT=0 LOG_LEVEL=warn "$JQ" serve >/tmp/jq-latency.log 2>&1 & pid=$!
-q() { psql "$URL" -qAt -c "$1"; }
-until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$DB' AND application_name = 'jobqueue-listener'")" = "1" ]; do sleep 0.2; done
-sleep 0.5 # let the start-up sweep finish: the instance is idle when the jobs arrive
-echo "INSERT INTO jobs (payload) VALUES ('{}');" >"$script"
-"$PGBENCH" -n -R "$RATE" -T "$SECONDS_" -c 1 -f "$script" "$URL" >/dev/null
+. "$(dirname "$0")/scratch-instances.sh"
+scratch_instances jq_latency 1 "$BASE" /tmp/jq-latency LOG_LEVEL=warn
+"$PGBENCH" -n -R "$RATE" -T "$SECONDS_" -c 1 -f <(echo "INSERT INTO jobs (payload) VALUES ('{}');") "$URL" >/dev/null
 until [ "$(q "SELECT count(*) FROM jobs_active")" = "0" ]; do sleep 0.2; done
 q "SELECT n || ' jobs at $RATE/s; insert to finished ms: p50 ' || round(p[1]::numeric, 2) || ', p90 ' ||
           round(p[2]::numeric, 2) || ', p99 ' || round(p[3]::numeric, 2) || '; insert to claim ms: p50 ' ||
