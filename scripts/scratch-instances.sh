@@ -4,8 +4,8 @@
 #   scratch_instances DB N BASE_URL LOG_PREFIX [VAR=value ...]
 #
 # Sets URL (the scratch database's) and defines q (one psql statement on it); returns once every
-# instance listens and has had half a second to finish its start-up sweep, so that the instances are
-# idle when the jobs arrive. JQ names the binary (default: the release build).
+# instance listens and its start-up sweep (a claim that found nothing) is over, so that the instances
+# are idle when the jobs arrive. JQ names the binary (default: the release build).
 JQ=${JQ:-$(dirname "${BASH_SOURCE[0]}")/../target/release/jobqueue}
 scratch_instances() {
     local db=$1 n=$2 base=$3 log=$4
@@ -21,6 +21,7 @@ scratch_instances() {
         SCRATCH_PIDS+=($!)
     done
     until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'jobqueue-listener'")" = "$n" ]; do sleep 0.2; done
-    sleep 0.5
+    until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'jobqueue-claim'
+                    AND state = 'idle' AND query LIKE '%FOR UPDATE SKIP LOCKED%'")" = "$n" ]; do sleep 0.1; done
 }
 q() { psql "$URL" -qAt -c "$1"; }
