@@ -428,44 +428,69 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
 }
 
 /// A producer's claim visits the jobs it claims and nothing else, whatever the planner knew when it
-/// made the claim connection's generic plan: at the producer's first claim, on a table never analyzed
-/// or analyzed while the queue was empty, before a backlog arrived.
+/// made the claim connection's generic plan: at the producer's first claim, on a table never analyzed,
+/// analyzed while the queue was empty, or analyzed with a backlog that then drained (its pages still
+/// there, no live row in them), before a backlog arrived. For each of the three claims: from
+/// the head, after a cursor (a backlog being worked through), and of the more urgent jobs. Analyzed
+/// after a drain, the claims once read and sorted the whole backlog for every claim (bitmap scan, then
+/// sort): a second 200,000-job backlog drained at 7,000 jobs/s instead of 30,000.
 #[tokio::test]
 async fn claiming_visits_only_the_claimed_jobs_whatever_the_statistics() {
-    for analyzed_empty in [false, true] {
-        let (db, c, _) = setup().await;
-        if analyzed_empty {
-            c.batch_execute("ANALYZE jobs_active").await.unwrap();
+    let shapes = [
+        ("head", queries::JOB_CLAIM, "", ""),
+        (
+            "after a cursor",
+            queries::JOB_CLAIM_AFTER,
+            ", int4, timestamptz, uuid",
+            ", -1000, '-infinity', '00000000-0000-0000-0000-000000000000'",
+        ),
+        ("more urgent", queries::JOB_CLAIM_MORE_URGENT, ", int4", ", 1"),
+    ];
+    for (shape, sql, types, args) in shapes {
+        for stats in ["never analyzed", "analyzed empty", "analyzed after a drain"] {
+            let (db, c, _) = setup().await;
+            if stats == "analyzed after a drain" {
+                // Statistics taken while a backlog was there; the backlog drained; a vacuum that could
+                // not truncate the table (another session held a lock on it) counted no live row in
+                // its pages, so the planner expects one row whatever it holds.
+                let sql = "INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 5000) AS i";
+                c.batch_execute(sql).await.unwrap();
+                c.batch_execute("ANALYZE jobs_active").await.unwrap();
+                c.batch_execute("DELETE FROM jobs").await.unwrap();
+                c.batch_execute("VACUUM (TRUNCATE false) jobs_active").await.unwrap();
+            } else if stats == "analyzed empty" {
+                c.batch_execute("ANALYZE jobs_active").await.unwrap();
+            }
+            // The statement prepared as a producer's connection has it, and run once on the empty queue.
+            let producer = client_for(&db, Purpose::Claim).await;
+            let prepare = format!("PREPARE claim(text, int8, text, float8, int4, bool{types}) AS {sql}");
+            producer.batch_execute(&prepare).await.unwrap();
+            producer.batch_execute(&format!("EXECUTE claim('default', 100, 'me', 30, 5, false{args})")).await.unwrap();
+            c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 5000) AS i")
+                .await
+                .unwrap();
+            let limit = 100;
+            let row = producer
+                .query_one(
+                    &format!(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim('default', {limit}, 'me', 30, 5, false{args})"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let plan: serde_json::Value = row.get(0);
+            let case = format!("{shape}, {stats}");
+            assert_eq!(
+                common::count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await,
+                limit,
+                "{case}: the jobs were claimed"
+            );
+            // Each claimed job read once to pick it, once to find it for the update, and written; a scan
+            // of the backlog would visit its 5,000 jobs.
+            let visited = rows_visited(&plan[0]["Plan"]);
+            assert!(visited <= 3.0 * limit as f64, "{case}: claiming {limit} jobs visited {visited} rows: {plan}");
         }
-        // The statement prepared as a producer's connection has it, and run once on the empty queue.
-        let producer = client_for(&db, Purpose::Claim).await;
-        let prepare = format!("PREPARE claim(text, int8, text, float8, int4, bool) AS {}", queries::JOB_CLAIM);
-        producer.batch_execute(&prepare).await.unwrap();
-        producer.batch_execute("EXECUTE claim('default', 100, 'me', 30, 5, false)").await.unwrap();
-        c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 5000) AS i")
-            .await
-            .unwrap();
-        let limit = 100;
-        let row = producer
-            .query_one(
-                &format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim('default', {limit}, 'me', 30, 5, false)"),
-                &[],
-            )
-            .await
-            .unwrap();
-        let plan: serde_json::Value = row.get(0);
-        assert_eq!(
-            common::count(&c, "SELECT count(*) FROM jobs WHERE status = 'processing'").await,
-            limit,
-            "analyzed empty {analyzed_empty}: the jobs were claimed"
-        );
-        // Each claimed job read once to pick it, once to find it for the update, and written; a scan
-        // of the backlog would visit its 5,000 jobs.
-        let visited = rows_visited(&plan[0]["Plan"]);
-        assert!(
-            visited <= 3.0 * limit as f64,
-            "analyzed empty {analyzed_empty}: claiming {limit} jobs visited {visited} rows: {plan}"
-        );
     }
 }
 

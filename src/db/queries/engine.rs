@@ -83,7 +83,8 @@ SELECT claimed.*, next_due.next_due_in FROM next_due LEFT JOIN claimed ON true"
     };
 }
 
-/// Public so that a test can look at its plan (`claiming_visits_only_the_claimed_jobs_whatever_the_statistics`).
+/// Public, as are the two other claims, so that a test can look at their plans
+/// (`claiming_visits_only_the_claimed_jobs_whatever_the_statistics`).
 pub const JOB_CLAIM: &str = claim_sql!("");
 
 /// [`JOB_CLAIM`] after a position of the claim order (`$7`, `$8`, `$9`: priority, run_at, id): the
@@ -92,7 +93,7 @@ pub const JOB_CLAIM: &str = claim_sql!("");
 /// on a 300,000-job drain, SQL alone, 10,500 jobs/s from the head against 16,500 after the cursor.
 /// Jobs that sort before the cursor (a more urgent insert, a retry, a released job) announce
 /// themselves with a wake-up, and the producer then claims from the head again.
-const JOB_CLAIM_AFTER: &str = claim_sql!(" AND (priority, run_at, id) > ($7, $8, $9)");
+pub const JOB_CLAIM_AFTER: &str = claim_sql!(" AND (priority, run_at, id) > ($7, $8, $9)");
 
 /// [`JOB_CLAIM`] of the jobs more urgent than a cursor's (`priority < $7`): the producer's answer to a
 /// wake-up while it works through a backlog after a cursor. A claim from the head would walk every dead
@@ -101,7 +102,7 @@ const JOB_CLAIM_AFTER: &str = claim_sql!(" AND (priority, run_at, id) > ($7, $8,
 /// bounded range of `jobs_claim_idx`, and skips the next-due search (` AND false` is folded away by the
 /// planner): the backlog goes on after it. Jobs of the cursor's priority that sort before it (a
 /// released job, a job inserted with an old `run_at`) wait for the periodic claim from the head.
-const JOB_CLAIM_MORE_URGENT: &str = claim_sql!(" AND priority < $7", " AND false");
+pub const JOB_CLAIM_MORE_URGENT: &str = claim_sql!(" AND priority < $7", " AND false");
 
 /// Where a claim starts in the claim order.
 #[derive(Debug, Clone, Copy, PartialEq)]
