@@ -38,6 +38,7 @@ fn finish(id: Uuid, attempt: i32, status: JobStatus) -> Finish {
         error: (status != JobStatus::Done).then(|| "e".to_string()),
         delay: Duration::from_secs(60),
         uncount: false,
+        row: None,
     }
 }
 
@@ -366,18 +367,27 @@ fn rows_visited(node: &serde_json::Value) -> f64 {
 ///   batch visited 40,000 rows), and later, that index looking empty, hashed all of it per batch;
 /// - no statistics at all, the plan made at the completer's warm-up on an empty table: a sequential
 ///   scan of jobs_active per job of the batch.
+///
+/// Both statements: by id, and at the rows' addresses as the claim returned them.
 #[tokio::test]
 async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
-    for stale in [true, false] {
+    for (stale, at_rows) in [(true, false), (false, false), (true, true), (false, true)] {
         let (db, c, mut conn) = setup().await;
         // The statement prepared as the completer's connection has it, and run once as its warm-up.
         let engine = client_for(&db, Purpose::Engine).await;
-        let prepare = format!(
-            "PREPARE finish(uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]) AS {}",
-            queries::JOB_FINISH_BATCH
-        );
+        let (sql, types, none) = match at_rows {
+            false => (queries::JOB_FINISH_BATCH, "", ""),
+            true => (queries::JOB_FINISH_BATCH_AT, ", tid[]", ", '{}'"),
+        };
+        let prepare =
+            format!("PREPARE finish(uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]{types}) AS {sql}");
         engine.batch_execute(&prepare).await.unwrap();
-        engine.batch_execute("EXECUTE finish('{}', '{}', '{}', '{}', '{}', '{}', 'me', '{}')").await.unwrap();
+        engine
+            .batch_execute(&format!(
+                "EXECUTE finish('{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'me', '{{}}'{none})"
+            ))
+            .await
+            .unwrap();
         c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i")
             .await
             .unwrap();
@@ -388,14 +398,23 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
         let (batch, processing) = (200, 1000);
         let claimed = claim(&mut conn, "default", processing, queries::ClaimFrom::Head).await;
         assert_eq!(claimed.jobs.len(), processing as usize);
-        let mut ids: Vec<String> = claimed.jobs.iter().map(|j| j.id.to_string()).collect();
-        ids.sort();
-        ids.truncate(batch as usize);
+        let mut jobs: Vec<(Uuid, jobqueue::db::RowAddress)> =
+            claimed.jobs.iter().map(|j| j.id).zip(claimed.rows.iter().copied()).collect();
+        jobs.sort_by_key(|j| j.0);
+        jobs.truncate(batch as usize);
+        let ids: Vec<String> = jobs.iter().map(|j| j.0.to_string()).collect();
+        let rows = match at_rows {
+            false => String::new(),
+            true => {
+                let tids: Vec<String> = jobs.iter().map(|(_, r)| format!("\"({},{})\"", r.block, r.offset)).collect();
+                format!(", '{{{}}}'::tid[]", tids.join(","))
+            }
+        };
         let array = |item: &str, ty: &str| format!("'{{{}}}'::{ty}[]", vec![item; ids.len()].join(","));
         let row = engine
             .query_one(
                 &format!(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish('{{{}}}'::uuid[], {}, {}, {}, {}, {}, 'me', {})",
+                    "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish('{{{}}}'::uuid[], {}, {}, {}, {}, {}, 'me', {}{})",
                     ids.join(","),
                     array("done", "text"),
                     array("NULL", "jsonb"),
@@ -403,6 +422,7 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
                     array("0", "float8"),
                     array("false", "bool"),
                     array("1", "int4"),
+                    rows,
                 ),
                 &[],
             )
@@ -413,17 +433,23 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
         assert_eq!(
             common::count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await,
             batch,
-            "stale {stale}: the batch was finished"
+            "stale {stale}, at rows {at_rows}: the batch was finished"
         );
         // One probe per job; anything near batch² is a scan per job.
-        assert!(visited <= 2.0 * batch as f64, "stale {stale}: finishing {batch} jobs visited {visited} rows: {plan}");
+        assert!(
+            visited <= 2.0 * batch as f64,
+            "stale {stale}, at rows {at_rows}: finishing {batch} jobs visited {visited} rows: {plan}"
+        );
         // The batch drives the update, so rows are locked in the batch's (id) order.
         let input = update_input(&plan[0]["Plan"]).unwrap_or_else(|| panic!("no update in {plan}"));
-        assert_eq!(input["Node Type"], "Nested Loop", "stale {stale}: {plan}");
+        assert_eq!(input["Node Type"], "Nested Loop", "stale {stale}, at rows {at_rows}: {plan}");
         assert_eq!(
             input["Plans"][0]["Node Type"], "Function Scan",
-            "stale {stale}: the batch is the outer side: {plan}"
+            "stale {stale}, at rows {at_rows}: the batch is the outer side: {plan}"
         );
+        if at_rows {
+            assert_eq!(input["Plans"][1]["Node Type"], "Tid Scan", "each row read at its address: {plan}");
+        }
     }
 }
 
@@ -500,6 +526,46 @@ fn update_input(node: &serde_json::Value) -> Option<&serde_json::Value> {
         return node["Plans"].get(0);
     }
     node["Plans"].as_array()?.iter().find_map(update_input)
+}
+
+/// The completer writes each attempt at the address its claim returned, and an address is only a
+/// hint: a job whose row moved since (a heartbeat extended it) is still written, by id; an address
+/// that now holds another job's row writes nothing to that job; a job whose lease was lost is left
+/// alone, address or not.
+#[tokio::test]
+async fn finishing_at_the_claimed_address_writes_the_attempt_and_nothing_else() {
+    let (_db, c, mut conn) = setup().await;
+    c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 5) AS i").await.unwrap();
+    let claimed = claim(&mut conn, "default", 5, queries::ClaimFrom::Head).await;
+    assert_eq!((claimed.jobs.len(), claimed.rows.len()), (5, 5));
+    for (job, row) in claimed.jobs.iter().zip(&claimed.rows) {
+        let at: Uuid = c.query_one("SELECT id FROM jobs_active WHERE ctid = $1", &[row]).await.unwrap().get(0);
+        assert_eq!(at, job.id, "the claim returns where each job's claimed row is");
+    }
+    let (ids, rows): (Vec<Uuid>, Vec<_>) = (claimed.jobs.iter().map(|j| j.id).collect(), claimed.rows.clone());
+    let at = |i: usize, row| Finish { row: Some(row), ..finish(ids[i], 1, JobStatus::Done) };
+    // 1: moved since its claim, as a heartbeat moves it.
+    c.execute("UPDATE jobs SET locked_until = locked_until + interval '1 second' WHERE id = $1", &[&ids[1]])
+        .await
+        .unwrap();
+    // 2: lost to another instance.
+    c.execute("UPDATE jobs SET locked_by = 'other' WHERE id = $1", &[&ids[2]]).await.unwrap();
+    let batch = [
+        at(0, rows[0]),
+        at(1, rows[1]),
+        at(2, rows[2]),
+        // 3, given the address of 4's row: 4 must stay as it is, 3 be written all the same.
+        at(3, rows[4]),
+    ];
+    let mut written: Vec<Uuid> =
+        queries::job_finish_batch(&mut conn, "me", &batch).await.unwrap().into_iter().map(|w| w.0).collect();
+    written.sort();
+    let mut expected = vec![ids[0], ids[1], ids[3]];
+    expected.sort();
+    assert_eq!(written, expected);
+    for (i, status) in [(0, "done"), (1, "done"), (2, "processing"), (3, "done"), (4, "processing")] {
+        assert_eq!(status_of(&c, ids[i]).await, status, "job {i}");
+    }
 }
 
 /// A completion locks its jobs in id order whatever order their outcomes came in, so a transaction

@@ -10,12 +10,14 @@ pub mod lease;
 pub mod migrate;
 pub mod queries;
 pub mod queues;
+mod row_address;
 pub mod schedules;
 pub mod tls;
 
 pub use connect::{Conn, ConnSlot, Connector, Pool, Purpose, RawConnection, DEADLINE_MARGIN};
 pub(crate) use error::describe;
 pub use error::{DbError, ErrorClass};
+pub use row_address::RowAddress;
 
 /// Runs `f` again while it fails with a transient error (a deadlock or serialization failure the
 /// server resolved by aborting our statement), a few times with a short pause. Only for statements

@@ -273,7 +273,8 @@ impl Remote {
 /// The row to write for a remote attempt's ending: the engine's `finish_for`, with the queue's policy.
 pub(crate) fn finish_of(held: &Held, ending: Ending, policy: &RetryPolicy) -> Finish {
     let attempt =
-        Attempt { id: held.id, queue: held.queue.clone(), number: held.attempts, max_attempts: held.max_attempts };
+        // Remote endings are written by the lease statements, which find jobs by id and token.
+        Attempt { id: held.id, queue: held.queue.clone(), number: held.attempts, max_attempts: held.max_attempts, row: None };
     let failed = matches!(ending, Ending::Fail { .. });
     let outcome = match ending {
         Ending::Complete(v) => Outcome::Done(v),

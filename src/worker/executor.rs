@@ -36,7 +36,7 @@ pub(crate) async fn execute(
     done: mpsc::Sender<Finished>,
 ) {
     let started = Instant::now();
-    let attempt = Attempt::of(&job);
+    let attempt = Attempt::of(&job, entry.row);
     if entry.token.is_cancelled() {
         // Cancelled (or found lost) while it waited for its slot: it never runs.
         let outcome = match entry.reason.get() {

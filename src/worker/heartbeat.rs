@@ -68,10 +68,10 @@ mod tests {
     fn an_answer_about_an_ended_attempt_leaves_the_next_attempt_alone() {
         let running = Running::default();
         let id = Uuid::new_v4();
-        running.insert(id, 1);
+        running.insert(id, 1, None);
         let sent = running.attempts();
         running.remove([(id, 1)]);
-        let second = running.insert(id, 2);
+        let second = running.insert(id, 2, None);
 
         apply(&running, &sent, &[]);
 
@@ -83,9 +83,9 @@ mod tests {
     fn lost_and_cancelled_attempts_are_stopped() {
         let running = Running::default();
         let (lost, cancelled, fine) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let lost_entry = running.insert(lost, 3);
-        let cancelled_entry = running.insert(cancelled, 1);
-        let fine_entry = running.insert(fine, 1);
+        let lost_entry = running.insert(lost, 3, None);
+        let cancelled_entry = running.insert(cancelled, 1, None);
+        let fine_entry = running.insert(fine, 1, None);
         let sent = running.attempts();
         let held = [
             Held { id: cancelled, attempt: 1, cancel_requested: true },

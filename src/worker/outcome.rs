@@ -8,6 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::queries::Finish;
+use crate::db::RowAddress;
 use crate::job::{Job, JobStatus, RetryPolicy, MAX_DELAY};
 
 /// How one attempt ended.
@@ -37,11 +38,13 @@ pub(crate) struct Attempt {
     /// `attempts` as claimed: this attempt's number.
     pub number: i32,
     pub max_attempts: Option<i32>,
+    /// Where the claim left the job's row, for the completer (see [`crate::db::RowAddress`]).
+    pub row: Option<RowAddress>,
 }
 
 impl Attempt {
-    pub(crate) fn of(job: &Job) -> Attempt {
-        Attempt { id: job.id, queue: job.queue.clone(), number: job.attempts, max_attempts: job.max_attempts }
+    pub(crate) fn of(job: &Job, row: Option<RowAddress>) -> Attempt {
+        Attempt { id: job.id, queue: job.queue.clone(), number: job.attempts, max_attempts: job.max_attempts, row }
     }
 }
 
@@ -56,6 +59,7 @@ pub(crate) fn finish_for(attempt: &Attempt, outcome: Outcome, policy: &RetryPoli
         error: None,
         delay: Duration::ZERO,
         uncount: false,
+        row: attempt.row,
     };
     let max_attempts = attempt.max_attempts.unwrap_or(policy.max_attempts);
     // PostgreSQL stores no U+0000 in text or jsonb; a value it refuses would fail the whole batch.
@@ -88,7 +92,7 @@ mod tests {
     use serde_json::json;
 
     fn job(number: i32, max_attempts: Option<i32>) -> Attempt {
-        Attempt { id: Uuid::new_v4(), queue: "default".into(), number, max_attempts }
+        Attempt { id: Uuid::new_v4(), queue: "default".into(), number, max_attempts, row: None }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::outcome::{Attempt, Outcome};
 use super::prefetch::{self, Parked};
 use super::running::Entry;
 use super::{QueueRuntime, Shared};
-use crate::db::{queries, ConnSlot, DbError, Purpose};
+use crate::db::{queries, ConnSlot, DbError, Purpose, RowAddress};
 use crate::job::Job;
 use crate::supervisor::TaskResult;
 
@@ -201,7 +201,7 @@ impl Producer {
                     // deadline), so that what it claimed is released rather than left to its lease.
                     if let Some(claim) = in_flight.take() {
                         if let (_, Some(ClaimDone { result: Ok(claimed), first, places, .. })) = claim.await {
-                            self.hold(claimed.jobs, first, &places);
+                            self.hold(claimed.jobs, claimed.rows, first, &places);
                         }
                     }
                     release(std::mem::take(&mut self.ahead), &self.done).await;
@@ -230,7 +230,7 @@ impl Producer {
                 self.backoff = Duration::from_millis(100);
                 let idle = self.replan(done.from, done.want, &claimed.jobs);
                 let next_due = claimed.next_due_in;
-                self.hold(claimed.jobs, done.first, &done.places);
+                self.hold(claimed.jobs, claimed.rows, done.first, &done.places);
                 if !idle {
                     return Wait::No;
                 }
@@ -269,9 +269,10 @@ impl Producer {
 
     /// Every claimed job is held from here on: registered at once, so that heartbeats extend the lease
     /// of those still waiting for a slot and a cancel reaches them.
-    fn hold(&mut self, jobs: Vec<Job>, first: OwnedSemaphorePermit, places: &Arc<Semaphore>) {
+    fn hold(&mut self, jobs: Vec<Job>, rows: Vec<RowAddress>, first: OwnedSemaphorePermit, places: &Arc<Semaphore>) {
         let now = chrono::Utc::now();
         let mut first = Some(first);
+        let mut rows = rows.into_iter();
         for job in jobs {
             crate::metrics::job_claimed(&job.queue, (now - job.run_at).as_seconds_f64());
             let room = match first.take() {
@@ -281,7 +282,7 @@ impl Producer {
                 None => places.clone().try_acquire_owned().expect("claimed no more jobs than there were places for"),
             };
             debug!(self.log, "claimed"; "job_id" => %job.id, "attempt" => job.attempts);
-            let entry = self.shared.running.insert(job.id, job.attempts);
+            let entry = self.shared.running.insert(job.id, job.attempts, rows.next());
             self.ahead.push(Ahead { job, entry, room });
         }
     }
@@ -392,9 +393,9 @@ impl Plan {
 /// Gives jobs claimed ahead back at shutdown: they go to the completer as released (back to pending,
 /// the attempt not counted), without their handlers ever starting.
 async fn release(ahead: BinaryHeap<Ahead>, done: &mpsc::Sender<Finished>) {
-    for Ahead { job, room, .. } in ahead.into_sorted_vec() {
-        let finished =
-            Finished { attempt: Attempt::of(&job), outcome: Outcome::Released, started: std::time::Instant::now() };
+    for Ahead { job, entry, room } in ahead.into_sorted_vec() {
+        let attempt = Attempt::of(&job, entry.row);
+        let finished = Finished { attempt, outcome: Outcome::Released, started: std::time::Instant::now() };
         // The completer outlives every producer; a failed send means the process is exiting.
         let _ = done.send(finished).await;
         drop(room);

@@ -8,6 +8,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::db::RowAddress;
+
 /// Why a running handler was stopped before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -22,6 +24,8 @@ pub(crate) struct Entry {
     /// Which attempt this entry tracks: an instance that lost a lease may claim the same job again,
     /// and the old attempt's end must not remove the new one.
     pub attempt: i32,
+    /// Where the claim left the job's row (see [`crate::db::RowAddress`]).
+    pub row: Option<RowAddress>,
     pub token: CancellationToken,
     pub reason: Arc<OnceLock<StopReason>>,
 }
@@ -34,8 +38,8 @@ pub struct Running {
 }
 
 impl Running {
-    pub(crate) fn insert(&self, id: Uuid, attempt: i32) -> Entry {
-        let entry = Entry { attempt, token: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
+    pub(crate) fn insert(&self, id: Uuid, attempt: i32, row: Option<RowAddress>) -> Entry {
+        let entry = Entry { attempt, row, token: CancellationToken::new(), reason: Arc::new(OnceLock::new()) };
         self.jobs.lock().expect("running map poisoned").insert(id, entry.clone());
         entry
     }

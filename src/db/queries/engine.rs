@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::super::{Conn, DbError};
-use super::{errors_appended, finish_set, job_from_row, secs, status_of, CHANNEL_JOBS};
-use crate::job::{Job, JobStatus};
+use super::super::{Conn, DbError, RowAddress};
+use super::{job_from_row, secs, CHANNEL_JOBS};
+use crate::job::Job;
 
 /// Claims up to `$2` runnable jobs of queue `$1` for instance `$3` with a lease of `$4` seconds.
 ///
@@ -26,6 +25,14 @@ use crate::job::{Job, JobStatus};
 /// scheduled row, and a one-time filter skips it entirely while claims come back full. The result has
 /// one row per claimed job, or a single row whose job columns are NULL.
 ///
+/// The rows picked are updated where the pick found them (`ctid`), not looked up again by id: they
+/// are locked, so that version is the one to update. A 200,000-job drain's claims took 17.7-18.8 µs a
+/// job that way against 19.8-20.3 through the primary key (docs/performance.md). A picked row that a
+/// committed update had moved on since the statement's snapshot (the lock follows it to its newest
+/// version) is not visible at that address to the update: it stays pending for the next claim. Each
+/// claimed job comes back with the address of its new version, for the completer (see
+/// [`crate::db::RowAddress`]).
+///
 /// A paused queue (a row in `queues` with `paused`) yields nothing; the condition does not depend on
 /// the row, so it is evaluated once per statement. A remote claim (`$6`) writes a fresh `lease_token`,
 /// the credential remote workers present (see `db/migrations/V3__remote_workers.sql`); an in-process
@@ -40,7 +47,7 @@ macro_rules! claim_sql {
         concat!(
             "
 WITH picked AS (
-    SELECT id FROM jobs_active
+    SELECT ctid FROM jobs_active
     WHERE queue = $1 AND status = 'pending' AND run_at <= now()",
             $after,
             "
@@ -58,8 +65,8 @@ WITH picked AS (
         locked_by = $3,
         locked_until = now() + make_interval(secs => $4),
         lease_token = CASE WHEN $6 THEN replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '') END
-    WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING j.*
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+    RETURNING j.*, j.ctid AS row_address
 ), next_due AS (
     SELECT extract(epoch FROM min(d.run_at) - now())::float8 AS next_due_in
     FROM (
@@ -118,6 +125,8 @@ pub enum ClaimFrom {
 /// Jobs claimed, and when the queue's next scheduled job comes due if the claim came back short.
 pub struct Claimed {
     pub jobs: Vec<Job>,
+    /// Where each claimed job's row lies now, `rows[i]` for `jobs[i]`.
+    pub rows: Vec<RowAddress>,
     pub next_due_in: Option<Duration>,
 }
 
@@ -152,6 +161,7 @@ pub async fn job_claim(
         }
     };
     let mut jobs = Vec::with_capacity(rows.len());
+    let mut addresses = Vec::with_capacity(rows.len());
     let mut next_due_in = None;
     for row in &rows {
         let due: Option<f64> = row.try_get("next_due_in")?;
@@ -159,141 +169,10 @@ pub async fn job_claim(
         next_due_in = due.filter(|s| s.is_finite()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
         if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
             jobs.push(job_from_row(row)?);
+            addresses.push(row.try_get("row_address")?);
         }
     }
-    Ok(Claimed { jobs, next_due_in })
-}
-
-/// The end of one attempt, as written by [`job_finish_batch`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finish {
-    pub id: Uuid,
-    /// The attempt this outcome belongs to (the fence).
-    pub attempt: i32,
-    /// pending (retry, snooze, release), done, failed or cancelled.
-    pub status: JobStatus,
-    pub result: Option<Value>,
-    /// Recorded in `error` and appended to the `errors` history.
-    pub error: Option<String>,
-    /// For status pending: run again after this long.
-    pub delay: Duration,
-    /// The attempt does not count (snooze, shutdown release): `attempts` goes back down by one.
-    pub uncount: bool,
-}
-
-/// Writes the outcome of many attempts in one statement.
-///
-/// Fenced: a row is written only while this instance still holds it (`locked_by`, `processing`). A
-/// job whose lease was lost to the rescuer is left alone, so a late result never overwrites another
-/// attempt's.
-///
-/// The fence includes the attempt number, so an outcome from an earlier attempt of the same job (lease
-/// lost, job claimed again) cannot end the current one. A job whose cancellation was requested while it
-/// ran ends cancelled rather than going back to pending for a retry, snooze or release.
-///
-/// Locks are taken in id order, as by every statement that locks many jobs, so that two of them on
-/// overlapping rows cannot deadlock: [`job_finish_batch`] sorts the batch by id, and the batch drives
-/// the update (a nested loop from the unnested arrays, one primary-key probe per row), so each row is
-/// locked as the update reaches it, in the batch's order. A separate `ORDER BY id FOR UPDATE` pass
-/// before the update said the same thing explicitly and doubled the statement's cost: 24-42 µs a job
-/// against 11-18 µs without it, finishing 10,000 claimed jobs in batches of 125
-/// (docs/performance.md). A join against the unnested batch that let the planner drive from `jobs`
-/// instead would lock in table order, and scan every processing row besides: the plan test
-/// `finishing_a_batch_visits_each_job_once_whatever_the_statistics` holds it to the nested loop.
-///
-/// Public so that a test can look at its plan: each job must be found with one probe
-/// (`db/migrations/V9__processing_by_id.sql` tells how it once was not).
-pub const JOB_FINISH_BATCH: &str = concat!(
-    "
--- Through the parent: a job that ends moves from jobs_active to jobs_finished (see V4__storage.sql).
-WITH finished AS (
-UPDATE jobs j
-SET ",
-    finish_set!(),
-    "
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::bool[], $8::int4[])
-     AS r(id, status, result, error, delay, uncount, attempt)
--- The fence on status is written so that the planner cannot match it to `jobs_processing_idx`'s
--- predicate: with statistics taken before anything was processing, that index looked empty, and the
--- planner scanned all of it once per job of the batch (10,000 processing jobs: 1.5 ms a job). The
--- status list prunes the update to jobs_active. Without that index to misjudge, every plan probes
--- the primary key once per job, in the batch's order.
-WHERE j.id = r.id AND j.attempts = r.attempt AND j.locked_by = $7
-  AND j.status IN ('pending', 'processing', 'waiting') AND (j.status = 'processing') IS TRUE
-RETURNING j.id, j.status
-), released AS MATERIALIZED (
-    -- Jobs waiting for the finished ones are promoted or cancelled in this same statement, so in the
-    -- same transaction: one function call per batch, one index probe per job when none waits (see
-    -- V7__workflows.sql). It reads all of `finished`, so it runs after every row is written.
-    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM finished
-)
-SELECT f.id, f.status FROM finished f, released"
-);
-
-/// Returns the ids that were written, with the status each got (a retry of a job whose cancellation
-/// was requested is written as cancelled); the others had lost their lease.
-pub async fn job_finish_batch(
-    conn: &mut Conn,
-    instance: &str,
-    batch: &[Finish],
-) -> Result<Vec<(Uuid, JobStatus)>, DbError> {
-    // In id order: the statement locks rows in the order of its arrays (see JOB_FINISH_BATCH).
-    let mut sorted: Vec<&Finish> = batch.iter().collect();
-    sorted.sort_unstable_by_key(|f| f.id);
-    let ids: Vec<Uuid> = sorted.iter().map(|f| f.id).collect();
-    let statuses: Vec<&str> = sorted.iter().map(|f| f.status.as_str()).collect();
-    let results: Vec<Option<&Value>> = sorted.iter().map(|f| f.result.as_ref()).collect();
-    let errors: Vec<Option<&str>> = sorted.iter().map(|f| f.error.as_deref()).collect();
-    let delays: Vec<f64> = sorted.iter().map(|f| secs(f.delay)).collect();
-    let uncount: Vec<bool> = sorted.iter().map(|f| f.uncount).collect();
-    let attempts: Vec<i32> = sorted.iter().map(|f| f.attempt).collect();
-    let (client, stmt) = conn.prepared(JOB_FINISH_BATCH).await?;
-    let rows =
-        client.query(&stmt, &[&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts]).await?;
-    rows.iter().map(|r| Ok((r.try_get(0)?, status_of(r, "status")?))).collect()
-}
-
-/// Runs [`JOB_FINISH_BATCH`] once, on the completer's new connection, for a job that exists only inside
-/// a transaction that is then rolled back: the first real finish of a connection otherwise pays for
-/// routing rows into `jobs_finished` (its relation and indexes opened for the first time),
-/// `jobqueue_release_dependants`' first plan and the generic plan itself, 8 to 14 ms measured at the
-/// start of a drain while every place of the room waited for it. Nothing is left behind: the row, its
-/// move and the trigger's notification all go with the rollback.
-pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), DbError> {
-    // BEGIN and ROLLBACK by hand: a `Transaction` would borrow the client that `job_finish_batch`
-    // needs through `conn`, for its prepared statement.
-    conn.client().batch_execute("BEGIN").await?;
-    let finished = async {
-        let row = conn
-            .client()
-            .query_one(
-                "INSERT INTO jobs (queue, payload, status, attempts, locked_by, locked_until, started_at)
-                 VALUES ('jobqueue-warm-up', '{}', 'processing', 1, $1, now() + interval '1 minute', now())
-                 RETURNING id",
-                &[&instance],
-            )
-            .await?;
-        let finish = Finish {
-            id: row.try_get(0)?,
-            attempt: 1,
-            status: JobStatus::Done,
-            result: None,
-            error: None,
-            delay: Duration::ZERO,
-            uncount: false,
-        };
-        job_finish_batch(conn, instance, &[finish]).await
-    }
-    .await;
-    // Rolled back whatever happened; a broken connection rolls back by itself.
-    let rolled_back = conn.client().batch_execute("ROLLBACK").await;
-    let written = finished?;
-    rolled_back?;
-    if written.len() == 1 {
-        Ok(())
-    } else {
-        Err(DbError::Decode(format!("the warm-up finish wrote {} rows instead of 1", written.len())))
-    }
+    Ok(Claimed { jobs, rows: addresses, next_due_in })
 }
 
 /// Extends the lease of every attempt this instance runs, in one statement. Returns the attempts still

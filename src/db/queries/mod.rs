@@ -1,8 +1,8 @@
 //! Every SQL statement the service runs, named noun-first (`job_insert`, `job_claim`, ...), by
 //! concern: [`api`] (insert, read, list, cancel, retry, stats), [`engine`] (the hot path: claim,
-//! finish, heartbeat), [`maintenance`] (rescue, retention), [`ui`] (the dashboard's history and
-//! search); here, what they share (row decoding,
-//! the SQL of an attempt's end), the channels, migrations and the benchmark's statements.
+//! heartbeat), [`finish`] (the completer's end of attempts), [`maintenance`] (rescue, retention),
+//! [`ui`] (the dashboard's history and search); here, what they share (row decoding, the SQL of an
+//! attempt's end), the channels, migrations and the benchmark's statements.
 //!
 //! Statements on the engine's hot path take a [`Conn`] and are prepared once per connection; the rest
 //! take any client (a pooled one or a transaction).
@@ -14,11 +14,13 @@ use tokio_postgres::{Client, GenericClient, Row};
 
 mod api;
 mod engine;
+mod finish;
 mod maintenance;
 mod ui;
 
 pub use api::*;
 pub use engine::*;
+pub use finish::*;
 pub use maintenance::*;
 pub use ui::*;
 
