@@ -294,7 +294,12 @@ async fn a_schema_applied_by_hand_is_taken_over_with_baseline() {
     assert_eq!(p.wait(Duration::from_secs(30)).await, Some(1), "refused without a jobs table");
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/db/migrations");
     let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
+    // In version order, as README's loop has them (`sort -V`): by name, V10 would come before V2.
+    let version = |p: &std::path::PathBuf| -> u32 {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        name[1..name.find("__").unwrap()].parse().unwrap()
+    };
+    files.sort_by_key(version);
     for f in &files {
         c.batch_execute(&format!("BEGIN; {} COMMIT;", std::fs::read_to_string(f).unwrap())).await.unwrap();
     }
