@@ -51,8 +51,8 @@ FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::b
 -- The fence on status is written so that the planner cannot match it to `jobs_processing_idx`'s
 -- predicate: with statistics taken before anything was processing, that index looked empty, and the
 -- planner scanned all of it once per job of the batch (10,000 processing jobs: 1.5 ms a job). The
--- status list prunes the update to jobs_active. Without that index to misjudge, every plan probes
--- the primary key once per job, in the batch's order.
+-- status list prunes the update to jobs_active. Without that index to misjudge, every plan finds each
+-- job once (a probe of the primary key, or a read at its address), in the batch's order.
 WHERE ",
             $find,
             " AND j.attempts = r.attempt AND j.locked_by = $7
@@ -111,10 +111,32 @@ pub const JOB_FINISH_BATCH_AT: &str =
 /// was requested is written as cancelled); the others had lost their lease.
 ///
 /// Jobs with a row address go first, at their addresses ([`JOB_FINISH_BATCH_AT`]); the others, and
-/// those not found where the claim left them, then by id ([`JOB_FINISH_BATCH`]). Each statement is its
-/// own transaction and locks in id order. In a drain every row is where its claim left it, and the
-/// batch is one statement.
+/// those not found where the claim left them, then by id ([`JOB_FINISH_BATCH`]). Both statements lock
+/// in id order, and run in one transaction: if the second fails, the first is undone with it, so that
+/// the completer's retry of the whole batch finds every job as it was (had the first committed, the
+/// retry would find its jobs finished already and report their leases lost). In a drain every row is
+/// where its claim left it, and the second statement is not needed.
 pub async fn job_finish_batch(
+    conn: &mut Conn,
+    instance: &str,
+    batch: &[Finish],
+) -> Result<Vec<(Uuid, JobStatus)>, DbError> {
+    conn.client().batch_execute("BEGIN").await?;
+    match job_finish_statements(conn, instance, batch).await {
+        Ok(written) => {
+            conn.client().batch_execute("COMMIT").await?;
+            Ok(written)
+        }
+        Err(e) => {
+            // A broken connection rolls back by itself; the error to report is the statement's.
+            let _ = conn.client().batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// The statements of [`job_finish_batch`], in whatever transaction the caller holds.
+async fn job_finish_statements(
     conn: &mut Conn,
     instance: &str,
     batch: &[Finish],
@@ -170,8 +192,8 @@ async fn finish_statement(
 /// waited for it. Nothing is left behind: the rows, their move and the trigger's notification all go
 /// with the rollback.
 pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), DbError> {
-    // BEGIN and ROLLBACK by hand: a `Transaction` would borrow the client that `job_finish_batch`
-    // needs through `conn`, for its prepared statements.
+    // BEGIN and ROLLBACK by hand: a `Transaction` would borrow the client that the statements need
+    // through `conn`, for their prepared statements. (So does `job_finish_batch`.)
     conn.client().batch_execute("BEGIN").await?;
     let finished = async {
         // Into the partition, whose rows have an address to return.
@@ -198,7 +220,7 @@ pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), D
                 row: if i == 0 { Some(row.try_get(1)?) } else { None },
             });
         }
-        job_finish_batch(conn, instance, &finishes).await
+        job_finish_statements(conn, instance, &finishes).await
     }
     .await;
     // Rolled back whatever happened; a broken connection rolls back by itself.
