@@ -98,17 +98,24 @@ impl Completer {
         }
 
         let mut backoff = Duration::from_millis(50);
-        let written: HashMap<Uuid, JobStatus> = loop {
-            if finishes.is_empty() {
-                break HashMap::new();
+        // What has been written so far. A try may fail after committing part of the batch (its first
+        // statement); the next try writes only what is left.
+        let mut written: HashMap<Uuid, JobStatus> = HashMap::new();
+        let mut left: Option<Vec<Finish>> = None;
+        loop {
+            let batch = left.as_deref().unwrap_or(&finishes);
+            if batch.is_empty() {
+                break;
             }
             let instance = &self.shared.instance_id;
+            let mut got = Vec::new();
             let attempt = timeout(conn.deadline(), async {
-                queries::job_finish_batch(conn.get().await?, instance, &finishes).await
+                queries::job_finish_batch_into(conn.get().await?, instance, batch, &mut got).await
             })
             .await;
+            written.extend(got);
             match conn.settle(attempt) {
-                Ok(rows) => break rows.into_iter().collect(),
+                Ok(()) => break,
                 Err(e) if !e.is_retryable() => {
                     // The database refused a value, or our statement or a row's decoding is wrong:
                     // retrying the same batch cannot help. One bad outcome must not hold back the
@@ -119,19 +126,19 @@ impl Completer {
                     } else {
                         warn!(log, "batch of finished jobs refused; writing them one by one"; "err" => %e);
                     }
-                    let mut rows = Vec::with_capacity(finishes.len());
-                    for f in &finishes {
+                    let ones: Vec<Finish> = batch.iter().filter(|f| !written.contains_key(&f.id)).cloned().collect();
+                    for f in &ones {
                         let one = timeout(conn.deadline(), async {
                             queries::job_finish_batch(conn.get().await?, instance, std::slice::from_ref(f)).await
                         })
                         .await;
                         match conn.settle(one) {
-                            Ok(r) => rows.extend(r),
+                            Ok(r) => written.extend(r),
                             Err(e) => error!(log, "could not record a finished job; its lease will expire";
                                              "job_id" => %f.id, "attempt" => f.attempt, "err" => %e),
                         }
                     }
-                    break rows.into_iter().collect();
+                    break;
                 }
                 Err(e) => {
                     // Unavailable (retry with backoff) or transient (a lost race: the next try wins).
@@ -146,9 +153,10 @@ impl Completer {
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    left = Some(finishes.iter().filter(|f| !written.contains_key(&f.id)).cloned().collect());
                 }
             }
-        };
+        }
 
         let mut to_wake = BTreeSet::new();
         let mut finished_ids = Vec::new();
