@@ -425,6 +425,51 @@ async fn batch_inserts_all_or_nothing() {
     assert_eq!(count(&c, "SELECT count(*) FROM jobs").await, 801, "failed batches inserted nothing");
 }
 
+/// The batch's answer is built from the request and the commit's clock, not read back from the rows:
+/// each answered job must be exactly what `GET /jobs/{id}` then reads, whatever the payload's key
+/// order or numbers, times finer than PostgreSQL keeps (before and after its 2000 epoch), delays,
+/// queues interleaved, with unique keys (the sorted statement) and without.
+#[tokio::test]
+async fn a_batch_answers_each_job_exactly_as_stored() {
+    let db = TestDb::new().await;
+    let api = api_for(&db.url, 1 << 20).await;
+    let plain = json!([
+        {"payload": {"z": 1, "a": [1.0, 2.5e-7, -0.0, 12345678901234567890u64], "m": {"y": null, "b": "é\u{1}"}}},
+        {"payload": "s", "queue": "other", "priority": -7, "max_attempts": 3},
+        {"payload": 2, "run_at": "2031-02-03T04:05:06.123456789Z"},
+        {"payload": 3, "run_at": "1999-12-31T23:59:59.999999999Z", "queue": "other"},
+        {"payload": 4, "run_at": "1970-01-01T00:00:00.000000500+02:00"},
+        {"payload": 5, "delay": "90s"},
+        {"payload": [true, false]}
+    ]);
+    let keyed = json!([
+        {"payload": 6, "unique_key": "k2", "queue": "b"},
+        {"payload": 7},
+        {"payload": 8, "unique_key": "k1", "queue": "a", "run_at": "2030-01-01T00:00:00.0000015Z"}
+    ]);
+    // Numbers as jsonb keeps them: exponents written out, no negative zero.
+    let numbers: Value = serde_json::from_str(
+        r#"[{"payload": [1e3, 1E+3, 1.50e1, 2.5e-7, -0.0, -0, 0e5, -1.5E+2, 123.456e-2, 10e-1, 1e-20, 9.99e2,
+                          -0.0e-3, 1.000, 100e-2, 7E0, 18446744073709551617e-25, 0.5e30]}]"#,
+    )
+    .unwrap();
+    for batch in [plain, keyed, numbers] {
+        let r = call(&api, "POST", "/jobs/batch", Some(&batch.to_string())).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let answered = r.body.as_array().unwrap();
+        assert_eq!(answered.len(), batch.as_array().unwrap().len());
+        let priorities: Vec<&Value> = answered.iter().map(|j| &j["priority"]).collect();
+        let sent: Vec<Value> =
+            batch.as_array().unwrap().iter().map(|j| j.get("priority").cloned().unwrap_or(json!(0))).collect();
+        assert_eq!(priorities, sent.iter().collect::<Vec<_>>(), "answers in request order");
+        for job in answered {
+            let stored = call(&api, "GET", &format!("/jobs/{}", job["id"].as_str().unwrap()), None).await;
+            assert_eq!(stored.status, 200, "{:?}", stored.body);
+            assert_eq!(&stored.body, job, "answered as stored");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_hundred_concurrent_unique_submissions_create_one_job() {
     let db = TestDb::new().await;

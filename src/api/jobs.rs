@@ -184,8 +184,8 @@ pub(super) async fn create_batch(state: &ApiState, body: Bytes) -> Result<Respon
     let client = state.pool.get().await.map_err(crate::db::DbError::from)?;
     // One statement, its own transaction: safe to run again if the server aborted it to break a
     // deadlock with a concurrent statement.
-    let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&*client, &jobs)).await?;
-    // Rows come back in insertion order, which sorts by queue: one counter update per queue.
+    let jobs = crate::db::retry_transient(|| queries::job_insert_batch(&client, &jobs)).await?.into_jobs(jobs);
+    // One counter update per run of jobs of one queue (a batch is mostly one queue).
     for chunk in jobs.chunk_by(|a, b| a.queue == b.queue) {
         crate::metrics::job_inserted(&chunk[0].queue, chunk.len() as u64);
     }

@@ -12,6 +12,7 @@ pub mod queries;
 pub mod queues;
 mod row_address;
 pub mod schedules;
+pub mod stored;
 pub mod tls;
 
 pub use connect::{Conn, ConnSlot, Connector, Pool, Purpose, RawConnection, DEADLINE_MARGIN};

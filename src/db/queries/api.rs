@@ -6,7 +6,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
-use super::super::{Conn, DbError};
+use super::super::{stored, Conn, DbError};
 use std::collections::HashMap;
 
 use super::{job_from_row, jobs_from_rows, status_of};
@@ -148,29 +148,104 @@ pub async fn job_insert_many(conn: &mut Conn, jobs: &[&NewJob]) -> Result<Vec<Op
 
 /// Inserts many jobs in one statement: all or nothing, one notification per queue.
 ///
-/// Rows go in sorted by queue and unique key: two batches whose keys overlap in a different order
-/// would otherwise each wait for the other's key in the unique index, a deadlock PostgreSQL resolves
-/// by failing one of them. In one order the second simply finds the key taken (a unique violation, a
-/// 409). The ids are chosen here so that the answer can be put back into request order.
-const JOB_INSERT_BATCH: &str = "
-INSERT INTO jobs (id, queue, payload, priority, run_at, max_attempts, unique_key)
-SELECT id, q, p, pr, coalesce(ra, now()), ma, uk
-FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[])
-     WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, n)
-ORDER BY q, uk, n
-RETURNING *";
+/// The answer is built from the request and the transaction's `now()` ([`Inserted::into_jobs`]) rather than
+/// read back with `RETURNING *`: turning every payload back into text on the server and parsing it
+/// again here was a large part of a batch's cost (docs/performance.md). The ids are chosen here.
+///
+/// With unique keys, rows go in sorted by queue and key: two batches whose keys overlap in a different
+/// order would otherwise each wait for the other's key in the unique index, a deadlock PostgreSQL
+/// resolves by failing one of them. In one order the second simply finds the key taken (a unique
+/// violation, a 409). Without keys there is no such lock to order, and no sort.
+macro_rules! insert_batch_sql {
+    ($order:literal) => {
+        concat!(
+            "
+WITH ins AS (
+    INSERT INTO jobs_active (id, queue, payload, priority, run_at, max_attempts, unique_key)
+    SELECT id, q, p, pr, coalesce(ra, now()), ma, uk
+    FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], $6::int4[], $7::text[])
+         WITH ORDINALITY AS t(id, q, p, pr, ra, ma, uk, n)
+    ",
+            $order,
+            "
+    RETURNING 1
+)
+SELECT now(), count(*) FROM ins"
+        )
+    };
+}
+const JOB_INSERT_BATCH: &str = insert_batch_sql!("");
+const JOB_INSERT_BATCH_KEYED: &str = insert_batch_sql!("ORDER BY q, uk, n");
 
-pub async fn job_insert_batch(client: &impl GenericClient, jobs: &[NewJob]) -> Result<Vec<Job>, DbError> {
+/// Sent with explicit parameter types (`query_typed`): one round trip, where an unprepared `query`
+/// costs two (prepare, then execute) on the pooled connections of the API.
+pub async fn job_insert_batch(client: &Client, jobs: &[NewJob]) -> Result<Inserted, DbError> {
     let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
     let NewJobColumns { queues, payloads, priorities, run_ats, max_attempts, keys } = NewJobColumns::of(jobs);
+    let statement = if keys.iter().any(Option::is_some) { JOB_INSERT_BATCH_KEYED } else { JOB_INSERT_BATCH };
     let rows = client
-        .query(JOB_INSERT_BATCH, &[&ids, &queues, &payloads, &priorities, &run_ats, &max_attempts, &keys])
+        .query_typed(
+            statement,
+            &[
+                (&ids, Type::UUID_ARRAY),
+                (&queues, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+                (&priorities, Type::INT4_ARRAY),
+                (&run_ats, Type::TIMESTAMPTZ_ARRAY),
+                (&max_attempts, Type::INT4_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+            ],
+        )
         .await?;
-    let mut by_id: std::collections::HashMap<Uuid, Job> =
-        rows.iter().map(|r| job_from_row(r).map(|j| (j.id, j))).collect::<Result<_, _>>()?;
-    ids.iter()
-        .map(|id| by_id.remove(id).ok_or_else(|| DbError::Decode(format!("inserted job {id} was not returned"))))
-        .collect()
+    let row = rows.first().ok_or_else(|| DbError::Decode("the batch insert returned no row".into()))?;
+    let (now, inserted): (DateTime<Utc>, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if inserted != jobs.len() as i64 {
+        return Err(DbError::Decode(format!("a batch of {} jobs inserted {inserted}", jobs.len())));
+    }
+    Ok(Inserted { ids, now })
+}
+
+/// What [`job_insert_batch`] wrote: the ids it gave the jobs, in order, and its transaction's `now()`.
+pub struct Inserted {
+    ids: Vec<Uuid>,
+    now: DateTime<Utc>,
+}
+
+impl Inserted {
+    /// The rows as stored, from the jobs that were inserted (the same, in the same order): the
+    /// table's defaults written out, times and numbers as PostgreSQL keeps them ([`stored`]).
+    pub fn into_jobs(self, jobs: Vec<NewJob>) -> Vec<Job> {
+        let now = self.now;
+        self.ids
+            .into_iter()
+            .zip(jobs)
+            .map(|(id, new)| {
+                let mut payload = new.payload;
+                stored::json(&mut payload);
+                Job {
+                    id,
+                    queue: new.queue,
+                    payload,
+                    status: JobStatus::Pending,
+                    result: None,
+                    error: None,
+                    errors: Value::Array(Vec::new()),
+                    priority: new.priority,
+                    run_at: new.run_at.map_or(now, stored::time),
+                    attempts: 0,
+                    max_attempts: new.max_attempts,
+                    unique_key: new.unique_key,
+                    locked_by: None,
+                    locked_until: None,
+                    cancel_requested_at: None,
+                    created_at: now,
+                    updated_at: now,
+                    started_at: None,
+                    finished_at: None,
+                }
+            })
+            .collect()
+    }
 }
 
 pub async fn job_get(client: &impl GenericClient, id: Uuid) -> Result<Option<Job>, DbError> {
