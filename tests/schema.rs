@@ -68,6 +68,43 @@ async fn a_psql_insert_with_only_a_payload_is_a_complete_pending_job() {
     assert!(row.get::<_, bool>(0));
 }
 
+/// The default id (`jobqueue_uuidv7()`, one SQL expression since V11) is a UUIDv7 whose time is the
+/// clock of the insert, to the sub-millisecond, in insertion order within one statement.
+#[tokio::test]
+async fn default_ids_are_uuidv7_carrying_the_insert_clock_in_order() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    let clock = "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
+    let before: i64 = c.query_one(clock, &[]).await.unwrap().get(0);
+    // Per id: version, variant, and its time in microseconds since the epoch (the 48-bit
+    // millisecond plus the 12-bit fraction of it).
+    let rows = c
+        .query(
+            "WITH ins AS (INSERT INTO jobs (payload) SELECT jsonb_build_object('n', i)
+                          FROM generate_series(1, 2000) i RETURNING id, (payload->>'n')::int AS n)
+             SELECT get_byte(uuid_send(id), 6) >> 4, get_byte(uuid_send(id), 8) >> 6,
+                    ('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint * 1000
+                      + (('x' || substr(replace(id::text, '-', ''), 14, 3))::bit(12)::int * 1000) / 4096
+             FROM ins ORDER BY n",
+            &[],
+        )
+        .await
+        .unwrap();
+    let after: i64 = c.query_one(clock, &[]).await.unwrap().get(0);
+    assert_eq!(rows.len(), 2000);
+    let mut last = i64::MIN;
+    for row in &rows {
+        let (version, variant, us): (i32, i32, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((version, variant), (7, 2), "a UUIDv7 of RFC 9562's variant");
+        // The fraction keeps 1/4096 ms: an id's time is at most 1 us below the clock it read.
+        assert!(before - 1 <= us && us <= after, "id time {us} outside the insert's clock [{before}, {after}]");
+        assert!(us >= last, "ids follow insertion order: {us} after {last}");
+        last = us;
+    }
+    let distinct: i64 = c.query_one("SELECT count(DISTINCT id) FROM jobs", &[]).await.unwrap().get(0);
+    assert_eq!(distinct, 2000);
+}
+
 #[tokio::test]
 async fn named_checks_guard_every_range() {
     let db = TestDb::new().await;
