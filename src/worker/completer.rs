@@ -126,8 +126,8 @@ impl Completer {
                     } else {
                         warn!(log, "batch of finished jobs refused; writing them one by one"; "err" => %e);
                     }
-                    let ones: Vec<Finish> = batch.iter().filter(|f| !written.contains_key(&f.id)).cloned().collect();
-                    for f in &ones {
+                    let ones: Vec<&Finish> = batch.iter().filter(|f| !written.contains_key(&f.id)).collect();
+                    for f in ones {
                         let one = timeout(conn.deadline(), async {
                             queries::job_finish_batch(conn.get().await?, instance, std::slice::from_ref(f)).await
                         })

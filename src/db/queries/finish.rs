@@ -172,10 +172,12 @@ async fn finish_statement(
     let delays: Vec<f64> = batch.iter().map(|f| secs(f.delay)).collect();
     let uncount: Vec<bool> = batch.iter().map(|f| f.uncount).collect();
     let attempts: Vec<i32> = batch.iter().map(|f| f.attempt).collect();
-    let addresses: Vec<Option<RowAddress>> = batch.iter().map(|f| f.row).collect();
+    // Only the statement at addresses takes them (`$9`), and it gets only jobs that have one.
+    let addresses: Vec<RowAddress> = if at_rows { batch.iter().filter_map(|f| f.row).collect() } else { Vec::new() };
     let mut params: Vec<&(dyn ToSql + Sync)> =
         vec![&ids, &statuses, &results, &errors, &delays, &uncount, &instance, &attempts];
     let sql = if at_rows {
+        debug_assert_eq!(addresses.len(), ids.len(), "every job of this statement has an address");
         params.push(&addresses);
         JOB_FINISH_BATCH_AT
     } else {
