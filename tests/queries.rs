@@ -75,8 +75,32 @@ async fn claim_takes_a_batch_in_priority_order_and_reports_the_next_due_job() {
     let due = short.next_due_in.expect("next due reported");
     assert!(due > Duration::from_secs(25) && due <= Duration::from_secs(30), "{due:?}: the sooner job, any priority");
 
+    // A claim that finds nothing has no row to carry the next due time, which is looked up apart.
+    let none_due = claim(&mut conn, "default", 10, queries::ClaimFrom::Head).await;
+    assert!(none_due.jobs.is_empty());
+    let due = none_due.next_due_in.expect("next due reported by an empty claim");
+    assert!(due > Duration::from_secs(25) && due <= Duration::from_secs(30), "{due:?}: the sooner job");
+
     let empty = claim(&mut conn, "other", 10, queries::ClaimFrom::Head).await;
     assert!(empty.jobs.is_empty() && empty.next_due_in.is_none());
+}
+
+/// A remote worker's long poll sleeps until the queue's next scheduled job when its claim finds
+/// nothing: the claim that comes back empty still says when that is.
+#[tokio::test]
+async fn an_empty_remote_claim_reports_the_next_due_job() {
+    let (_db, c, _) = setup().await;
+    c.batch_execute("INSERT INTO jobs (payload, run_at) VALUES ('\"later\"', now() + interval '30 seconds')")
+        .await
+        .unwrap();
+    let claim =
+        jobqueue::db::lease::job_claim_leased(&c, "default", 10, "remote-1", Duration::from_secs(30), 5).await.unwrap();
+    assert!(claim.jobs.is_empty());
+    let due = claim.next_due_in.expect("next due reported by an empty remote claim");
+    assert!(due > Duration::from_secs(25) && due <= Duration::from_secs(30), "{due:?}");
+    let other =
+        jobqueue::db::lease::job_claim_leased(&c, "other", 10, "remote-1", Duration::from_secs(30), 5).await.unwrap();
+    assert!(other.jobs.is_empty() && other.next_due_in.is_none());
 }
 
 /// The answer to a wake-up during a backlog: only jobs more urgent than the cursor's priority, and
@@ -368,26 +392,38 @@ fn rows_visited(node: &serde_json::Value) -> f64 {
 /// - no statistics at all, the plan made at the completer's warm-up on an empty table: a sequential
 ///   scan of jobs_active per job of the batch.
 ///
-/// Both statements: by id, and at the rows' addresses as the claim returned them.
+/// The three statements: by id, at the rows' addresses as the claim returned them, and the one for
+/// batches of plain successes at their addresses.
 #[tokio::test]
 async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
-    for (stale, at_rows) in [(true, false), (false, false), (true, true), (false, true)] {
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Shape {
+        ById,
+        AtRows,
+        DoneAtRows,
+    }
+    let cases = [Shape::ById, Shape::AtRows, Shape::DoneAtRows].into_iter().flat_map(|s| [(true, s), (false, s)]);
+    for (stale, shape) in cases {
         let (db, c, mut conn) = setup().await;
         // The statement prepared as the completer's connection has it, and run once as its warm-up.
         let engine = client_for(&db, Purpose::Engine).await;
-        let (sql, types, none) = match at_rows {
-            false => (queries::JOB_FINISH_BATCH, "", ""),
-            true => (queries::JOB_FINISH_BATCH_AT, ", tid[]", ", '{}'"),
+        let (sql, types, none) = match shape {
+            Shape::ById => (
+                queries::JOB_FINISH_BATCH,
+                "uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]",
+                "'{}', '{}', '{}', '{}', '{}', '{}', 'me', '{}'",
+            ),
+            Shape::AtRows => (
+                queries::JOB_FINISH_BATCH_AT,
+                "uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[], tid[]",
+                "'{}', '{}', '{}', '{}', '{}', '{}', 'me', '{}', '{}'",
+            ),
+            Shape::DoneAtRows => {
+                (queries::JOB_FINISH_DONE_AT, "uuid[], jsonb[], text, int4[], tid[]", "'{}', '{}', 'me', '{}', '{}'")
+            }
         };
-        let prepare =
-            format!("PREPARE finish(uuid[], text[], jsonb[], text[], float8[], bool[], text, int4[]{types}) AS {sql}");
-        engine.batch_execute(&prepare).await.unwrap();
-        engine
-            .batch_execute(&format!(
-                "EXECUTE finish('{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', 'me', '{{}}'{none})"
-            ))
-            .await
-            .unwrap();
+        engine.batch_execute(&format!("PREPARE finish({types}) AS {sql}")).await.unwrap();
+        engine.batch_execute(&format!("EXECUTE finish({none})")).await.unwrap();
         c.batch_execute("INSERT INTO jobs (payload) SELECT to_jsonb(i) FROM generate_series(1, 2000) AS i")
             .await
             .unwrap();
@@ -402,52 +438,45 @@ async fn finishing_a_batch_visits_each_job_once_whatever_the_statistics() {
             claimed.jobs.iter().map(|j| j.id).zip(claimed.rows.iter().copied()).collect();
         jobs.sort_by_key(|j| j.0);
         jobs.truncate(batch as usize);
-        let ids: Vec<String> = jobs.iter().map(|j| j.0.to_string()).collect();
-        let rows = match at_rows {
-            false => String::new(),
-            true => {
-                let tids: Vec<String> = jobs.iter().map(|(_, r)| format!("\"({},{})\"", r.block, r.offset)).collect();
-                format!(", '{{{}}}'::tid[]", tids.join(","))
-            }
+        let ids = format!("'{{{}}}'::uuid[]", jobs.iter().map(|j| j.0.to_string()).collect::<Vec<_>>().join(","));
+        let tids: Vec<String> = jobs.iter().map(|(_, r)| format!("\"({},{})\"", r.block, r.offset)).collect();
+        let tids = format!("'{{{}}}'::tid[]", tids.join(","));
+        let array = |item: &str, ty: &str| format!("'{{{}}}'::{ty}[]", vec![item; jobs.len()].join(","));
+        let args = match shape {
+            Shape::DoneAtRows => format!("{ids}, {}, 'me', {}, {tids}", array("NULL", "jsonb"), array("1", "int4")),
+            _ => format!(
+                "{ids}, {}, {}, {}, {}, {}, 'me', {}{}",
+                array("done", "text"),
+                array("NULL", "jsonb"),
+                array("NULL", "text"),
+                array("0", "float8"),
+                array("false", "bool"),
+                array("1", "int4"),
+                if shape == Shape::AtRows { format!(", {tids}") } else { String::new() },
+            ),
         };
-        let array = |item: &str, ty: &str| format!("'{{{}}}'::{ty}[]", vec![item; ids.len()].join(","));
-        let row = engine
-            .query_one(
-                &format!(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish('{{{}}}'::uuid[], {}, {}, {}, {}, {}, 'me', {}{})",
-                    ids.join(","),
-                    array("done", "text"),
-                    array("NULL", "jsonb"),
-                    array("NULL", "text"),
-                    array("0", "float8"),
-                    array("false", "bool"),
-                    array("1", "int4"),
-                    rows,
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
+        let row =
+            engine.query_one(&format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE finish({args})"), &[]).await.unwrap();
         let plan: serde_json::Value = row.get(0);
         let visited = rows_visited(&plan[0]["Plan"]);
         assert_eq!(
             common::count(&c, "SELECT count(*) FROM jobs WHERE status = 'done'").await,
             batch,
-            "stale {stale}, at rows {at_rows}: the batch was finished"
+            "stale {stale}, {shape:?}: the batch was finished"
         );
         // One probe per job; anything near batch² is a scan per job.
         assert!(
             visited <= 2.0 * batch as f64,
-            "stale {stale}, at rows {at_rows}: finishing {batch} jobs visited {visited} rows: {plan}"
+            "stale {stale}, {shape:?}: finishing {batch} jobs visited {visited} rows: {plan}"
         );
         // The batch drives the update, so rows are locked in the batch's (id) order.
         let input = update_input(&plan[0]["Plan"]).unwrap_or_else(|| panic!("no update in {plan}"));
-        assert_eq!(input["Node Type"], "Nested Loop", "stale {stale}, at rows {at_rows}: {plan}");
+        assert_eq!(input["Node Type"], "Nested Loop", "stale {stale}, {shape:?}: {plan}");
         assert_eq!(
             input["Plans"][0]["Node Type"], "Function Scan",
-            "stale {stale}, at rows {at_rows}: the batch is the outer side: {plan}"
+            "stale {stale}, {shape:?}: the batch is the outer side: {plan}"
         );
-        if at_rows {
+        if shape != Shape::ById {
             assert_eq!(input["Plans"][1]["Node Type"], "Tid Scan", "each row read at its address: {plan}");
         }
     }
@@ -629,4 +658,48 @@ async fn a_completion_locks_its_jobs_in_id_order_whatever_the_batch_order() {
     other.batch_execute("COMMIT").await.unwrap();
     let written = completion.await.unwrap().unwrap_or_else(|e| panic!("the completion failed: {e}"));
     assert_eq!(written.len(), 2, "both jobs finished");
+}
+
+/// A job inserted with `after` locks its parents `FOR SHARE` before it reads their statuses; a
+/// completion of a parent that has to wait for that lock must then release the new child. The
+/// finishing statement's snapshot was taken before the wait and holds no edge at all, so the question
+/// whether any job has dependants must be asked with a fresh snapshot, after the batch is written
+/// (`jobqueue_has_dependants()`, V12). Asked from the statement's snapshot, or before the update
+/// waited, it answered no here and the child stayed waiting.
+#[tokio::test]
+async fn a_completion_that_waited_for_an_insert_of_dependants_releases_them() {
+    let (db, c, mut conn) = setup().await;
+    c.batch_execute("INSERT INTO jobs (payload) VALUES ('\"parent\"')").await.unwrap();
+    let claimed = claim(&mut conn, "default", 1, queries::ClaimFrom::Head).await;
+    let parent = claimed.jobs[0].id;
+
+    // The insert of a child, as `job_insert_graph` does it, left open.
+    let mut inserter = db.client().await;
+    let tx = inserter.transaction().await.unwrap();
+    tx.query("SELECT id, status FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE", &[&vec![parent]]).await.unwrap();
+    let child: Uuid = tx
+        .query_one(
+            "INSERT INTO jobs (payload, status, waiting_on) VALUES ('\"child\"', 'waiting', 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.execute("INSERT INTO job_dependencies (parent, child) VALUES ($1, $2)", &[&parent, &child]).await.unwrap();
+
+    // The parent's completion, at its row's address as the completer writes a drain's successes.
+    let done = Finish { row: Some(claimed.rows[0]), result: None, ..finish(parent, 1, JobStatus::Done) };
+    let completion = tokio::spawn(async move {
+        let written = queries::job_finish_batch(&mut conn, "me", &[done]).await.unwrap();
+        (conn, written)
+    });
+    // It waits for the insert's lock on the parent.
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%finished%'";
+    common::wait_count(&c, Duration::from_secs(10), "the completion waiting for the parent's lock", waiting, 1).await;
+    tx.commit().await.unwrap();
+
+    let (_conn, written) = completion.await.unwrap();
+    assert_eq!(written, vec![(parent, JobStatus::Done)]);
+    assert_eq!(status_of(&c, child).await, "pending", "the child whose last parent is done runs");
 }

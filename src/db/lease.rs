@@ -15,7 +15,9 @@ use tokio_postgres::GenericClient;
 use super::Conn;
 use uuid::Uuid;
 
-use super::queries::{errors_appended, finish_set, job_from_row, secs, JOB_CLAIM};
+use super::queries::{
+    due_in, errors_appended, finish_set, job_from_row, released_after, secs, JOB_CLAIM, JOB_NEXT_DUE, NEXT_DUE_COLUMN,
+};
 use super::DbError;
 use crate::job::{Job, JobStatus};
 
@@ -54,11 +56,13 @@ pub async fn job_claim_leased(
     let rows = client.query_typed(JOB_CLAIM, &params).await?;
     let mut claim = LeasedClaim::default();
     for row in &rows {
-        let due: Option<f64> = row.try_get("next_due_in")?;
-        claim.next_due_in = due.filter(|s| s.is_finite()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
-        if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
-            claim.jobs.push(Leased { job: job_from_row(row)?, lease_token: row.try_get("lease_token")? });
-        }
+        claim.next_due_in = due_in(row.try_get(NEXT_DUE_COLUMN)?);
+        claim.jobs.push(Leased { job: job_from_row(row)?, lease_token: row.try_get("lease_token")? });
+    }
+    // A claim that found nothing has no row to carry the next due time (see `JOB_CLAIM`).
+    if rows.is_empty() {
+        let row = client.query_typed(JOB_NEXT_DUE, &[(&queue, Type::TEXT)]).await?;
+        claim.next_due_in = due_in(row.first().map(|r| r.try_get(0)).transpose()?.flatten());
     }
     Ok(claim)
 }
@@ -184,10 +188,10 @@ FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::float8[], $6::b
      AS r(id, status, result, error, delay, uncount, token)
 WHERE j.id = r.id AND r.id IN (SELECT id FROM locked) AND j.lease_token = r.token AND j.status = 'processing'
 RETURNING j.*
-), released AS MATERIALIZED (
-    -- Waiting dependants promoted or cancelled in the same statement, as the completer does.
-    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM finished
-)
+), ",
+    // Waiting dependants promoted or cancelled in the same statement, as the completer does.
+    released_after!("finished"),
+    "
 SELECT f.* FROM finished f, released"
 );
 

@@ -516,7 +516,7 @@ pub async fn drop_schema(c: &Client) {
          DROP FUNCTION jobqueue_schedule, jobqueue_schedule_run;
          DROP TABLE schedule_runs; DROP TABLE schedules;
          DROP FUNCTION schedules_before_update, schedules_notify;
-         DROP TABLE job_dependencies; DROP FUNCTION jobqueue_release_dependants;
+         DROP TABLE job_dependencies; DROP FUNCTION jobqueue_release_dependants, jobqueue_has_dependants;
          DROP TABLE wait_stats;",
     )
     .await

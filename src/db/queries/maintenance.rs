@@ -6,7 +6,7 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::super::DbError;
-use super::{errors_appended, secs, status_of};
+use super::{errors_appended, released_after, secs, status_of};
 use crate::job::JobStatus;
 
 /// A job whose lease expired, as returned to the queue by [`job_rescue_expired`].
@@ -50,10 +50,10 @@ SET status = e.new_status,
 FROM expired e
 WHERE j.id = e.id
 RETURNING j.id, j.queue, j.status, j.attempts, e.lost_by
-), released AS MATERIALIZED (
-    -- A job failed or cancelled here cancels its waiting dependants, in the same statement.
-    SELECT jobqueue_release_dependants(array_agg(id), array_agg(status)) AS n FROM rescued
-)
+), ",
+    // A job failed or cancelled here cancels its waiting dependants, in the same statement.
+    released_after!("rescued"),
+    "
 SELECT r.id, r.queue, r.status, r.attempts, r.lost_by FROM rescued r, released"
 );
 
