@@ -21,7 +21,8 @@ scratch_instances() {
         SCRATCH_PIDS+=($!)
     done
     until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'jobqueue-listener'")" = "$n" ]; do sleep 0.2; done
+    # The sweep's last statement is the claim, or the next-due lookup that follows a claim finding nothing.
     until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'jobqueue-claim'
-                    AND state = 'idle' AND query LIKE '%FOR UPDATE SKIP LOCKED%'")" = "$n" ]; do sleep 0.1; done
+                    AND state = 'idle' AND (query LIKE '%FOR UPDATE SKIP LOCKED%' OR query LIKE '%RECURSIVE prio%')")" = "$n" ]; do sleep 0.1; done
 }
 q() { psql "$URL" -qAt -c "$1"; }
