@@ -16,7 +16,7 @@ use super::Conn;
 use uuid::Uuid;
 
 use super::queries::{
-    due_in, errors_appended, finish_set, job_from_row, released_after, secs, JOB_CLAIM, JOB_NEXT_DUE, NEXT_DUE_COLUMN,
+    claimed_next_due, errors_appended, finish_set, job_from_row, job_next_due, released_after, secs, JOB_CLAIM,
 };
 use super::DbError;
 use crate::job::{Job, JobStatus};
@@ -56,14 +56,12 @@ pub async fn job_claim_leased(
     let rows = client.query_typed(JOB_CLAIM, &params).await?;
     let mut claim = LeasedClaim::default();
     for row in &rows {
-        claim.next_due_in = due_in(row.try_get(NEXT_DUE_COLUMN)?);
         claim.jobs.push(Leased { job: job_from_row(row)?, lease_token: row.try_get("lease_token")? });
     }
-    // A claim that found nothing has no row to carry the next due time (see `JOB_CLAIM`).
-    if rows.is_empty() {
-        let row = client.query_typed(JOB_NEXT_DUE, &[(&queue, Type::TEXT)]).await?;
-        claim.next_due_in = due_in(row.first().map(|r| r.try_get(0)).transpose()?.flatten());
-    }
+    claim.next_due_in = match rows.first() {
+        Some(row) => claimed_next_due(row)?,
+        None => job_next_due(client, queue).await?,
+    };
     Ok(claim)
 }
 

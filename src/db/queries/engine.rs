@@ -45,7 +45,7 @@ macro_rules! next_due_sql {
 /// also returns in how many seconds its earliest future job comes due (the producer's timer), in the
 /// column `next_due_in` of every row (an init plan evaluated once). A one-time filter
 /// skips that lookup entirely while claims come back full. A claim that finds nothing returns no row to
-/// carry it, so [`job_claim`] then asks [`JOB_NEXT_DUE`] by itself: one more statement, only on the
+/// carry it, so [`job_claim`] then asks [`job_next_due`]: one more statement, only on the
 /// idle path.
 ///
 /// The `UPDATE` is the statement itself, its rows sent as they are written. The claim used to be a
@@ -106,7 +106,7 @@ RETURNING j.*, j.ctid AS row_address, (",
 }
 
 /// The next-due lookup of the claims, by itself: for a claim that found nothing.
-pub const JOB_NEXT_DUE: &str = next_due_sql!();
+const JOB_NEXT_DUE: &str = next_due_sql!();
 
 /// Public, as are the two other claims, so that a test can look at their plans
 /// (`claiming_visits_only_the_claimed_jobs_whatever_the_statistics`).
@@ -180,27 +180,37 @@ pub async fn job_claim(
     };
     let mut jobs = Vec::with_capacity(rows.len());
     let mut addresses = Vec::with_capacity(rows.len());
-    let mut next_due_in = None;
     for row in &rows {
-        next_due_in = due_in(row.try_get(NEXT_DUE_COLUMN)?);
         jobs.push(job_from_row(row)?);
         addresses.push(row.try_get("row_address")?);
     }
-    // A claim that found nothing has no row to carry the next due time. A claim of more urgent jobs
-    // never looks for it: the backlog goes on after it.
-    if rows.is_empty() && !matches!(from, ClaimFrom::MoreUrgentThan(_)) {
-        let (client, stmt) = conn.prepared(JOB_NEXT_DUE).await?;
-        next_due_in = due_in(client.query_one(&stmt, &[&queue]).await?.try_get(0)?);
-    }
+    // A claim of more urgent jobs never looks for the next due job: the backlog goes on after it.
+    let next_due_in = match rows.first() {
+        Some(row) => claimed_next_due(row)?,
+        None if matches!(from, ClaimFrom::MoreUrgentThan(_)) => None,
+        None => job_next_due(conn.client(), queue).await?,
+    };
     Ok(Claimed { jobs, rows: addresses, next_due_in })
 }
 
-/// The claims' column that says when the next scheduled job comes due.
-pub const NEXT_DUE_COLUMN: &str = "next_due_in";
+/// The next due time a claim's rows carry (the same on every row).
+pub fn claimed_next_due(row: &tokio_postgres::Row) -> Result<Option<Duration>, DbError> {
+    Ok(due_in(row.try_get("next_due_in")?))
+}
+
+/// When the earliest future job of `queue` comes due, for a claim that found nothing and so has no row
+/// to carry it ([`JOB_NEXT_DUE`]). Only on the idle path: sent with its parameter type, one round trip.
+pub async fn job_next_due(client: &impl GenericClient, queue: &str) -> Result<Option<Duration>, DbError> {
+    let rows = client.query_typed(JOB_NEXT_DUE, &[(&queue, tokio_postgres::types::Type::TEXT)]).await?;
+    match rows.first() {
+        Some(row) => Ok(due_in(row.try_get(0)?)),
+        None => Ok(None),
+    }
+}
 
 /// Seconds until the next due job as a timer: capped, since the producer polls anyway and a far-future
 /// `run_at` must not overflow a timer.
-pub fn due_in(seconds: Option<f64>) -> Option<Duration> {
+fn due_in(seconds: Option<f64>) -> Option<Duration> {
     seconds.filter(|s| s.is_finite()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)))
 }
 
