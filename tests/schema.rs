@@ -157,8 +157,20 @@ async fn one_notification_per_statement_and_queue() {
     assert_eq!(drain(&lc, &mut rx).await, vec!["default"]);
 
     // Rows inserted already finished are not work: no wake-up.
-    c.batch_execute("INSERT INTO jobs (payload, status, finished_at) VALUES ('1', 'done', now())").await.unwrap();
+    c.batch_execute("INSERT INTO jobs (payload, queue, status, finished_at) VALUES ('1', 'f', 'done', now())")
+        .await
+        .unwrap();
     assert!(drain(&lc, &mut rx).await.is_empty());
+
+    // Naming the partition, as the service's own inserts do.
+    c.batch_execute("INSERT INTO jobs_active (payload, queue) VALUES ('1', 'direct'), ('2', 'direct')").await.unwrap();
+    assert_eq!(drain(&lc, &mut rx).await, vec!["direct"]);
+
+    // A finished job that a hand-written UPDATE makes pending again moves back into jobs_active,
+    // which is an insert there: it wakes the workers like a new job (V13; before, it waited for a
+    // poll).
+    c.batch_execute("UPDATE jobs SET status = 'pending', finished_at = NULL WHERE queue = 'f'").await.unwrap();
+    assert_eq!(drain(&lc, &mut rx).await, vec!["f"]);
 }
 
 #[tokio::test]
