@@ -15,12 +15,14 @@ use tokio_postgres::{Client, GenericClient, Row};
 mod api;
 mod engine;
 mod finish;
+mod insert;
 mod maintenance;
 mod ui;
 
 pub use api::*;
 pub use engine::*;
 pub use finish::*;
+pub use insert::*;
 pub use maintenance::*;
 pub use ui::*;
 
