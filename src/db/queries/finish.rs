@@ -244,7 +244,7 @@ async fn finish_statement(
 /// rows into `jobs_finished` (its relation and indexes opened for the first time), the generic plan
 /// itself and, where workflows are used, `jobqueue_release_dependants`' first plan: 8 to 14 ms
 /// measured at the start of a drain while every place of the room waited for it. Nothing is left
-/// behind: the rows, their move and the trigger's notification all go with the rollback.
+/// behind: the rows and their move go with the rollback (inserted processing, they wake nobody).
 pub async fn job_finish_warm_up(conn: &mut Conn, instance: &str) -> Result<(), DbError> {
     // BEGIN and ROLLBACK by hand: a `Transaction` would borrow the client that `job_finish_batch`
     // needs through `conn`, for its prepared statements.
